@@ -1,0 +1,3 @@
+from layerprune.app import main
+
+main()

@@ -1,0 +1,55 @@
+"""Atomic writes, so that a crash never leaves a half-written result behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def commit_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a fully written folder into place; whoever commits first wins."""
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp_dir, final_dir)
+    except OSError:
+        if not final_dir.is_dir():
+            raise
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def cache_root() -> Path:
+    """Where converted models and layer scores are cached (``LAYERPRUNE_CACHE`` overrides)."""
+    env = os.environ.get("LAYERPRUNE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "layerprune"
