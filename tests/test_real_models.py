@@ -1,0 +1,51 @@
+"""Real pretrained models (GGUF packages from requirements-models.txt): conversion and surgery."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from layerprune.files import cache_root
+from layerprune.models import CONVERSION_CHECK_TEXT, _package_file
+
+from .conftest import compose_config, load
+from .surgery_checks import check_pruned_model, logits
+
+pytestmark = pytest.mark.integration
+
+
+def test_converted_smollm2_equals_the_gguf_model() -> None:
+    loaded = load("smollm2_135m", device="cpu")
+    entries = list((cache_root() / "models").glob("smollm2_135m-*"))
+    assert len(entries) == 1
+    source = json.loads((entries[0] / "layerprune_source.json").read_text())
+    assert source["check_max_abs_logit_diff"] <= 1e-4
+    cfg = compose_config(["model=smollm2_135m"]).model
+    gguf = _package_file(cfg.parts[0], list(cfg.pip), cfg.name)
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ids = torch.tensor([loaded.tokenizer(CONVERSION_CHECK_TEXT + " the model").input_ids])
+    torch.testing.assert_close(logits(loaded.model, ids), logits(direct.eval(), ids), atol=1e-4, rtol=0)
+    assert loaded.model.config.num_hidden_layers == 30
+
+
+@pytest.mark.parametrize(
+    ("name", "removed", "seq"),
+    [
+        ("smollm2_135m", [3, 12, 13, 14, 29], 64),
+        # Gemma-3-270M: full attention at 5, 11, 17; 600 tokens cross its 512-token sliding window
+        ("gemma3_270m", [4, 5, 9], 600),
+    ],
+)
+def test_pruned_real_model_is_correct(name: str, removed: list[int], seq: int, tmp_path: Path) -> None:
+    loaded = load(name, device="cpu")
+    if name == "gemma3_270m":
+        assert loaded.model.config.layer_types[5] == "full_attention"
+        assert loaded.model.config.sliding_window < seq
+    text = Path(compose_config([]).data.mirror, "text", "wiki.txt").read_text()[:20000]
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids[:, :seq]
+    assert ids.shape[1] == seq
+    check_pruned_model(loaded.model, removed, ids, tmp_path, atol=2e-3)

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import pytest
+
+from layerprune.errors import LayerpruneError
+from layerprune.scoring import BlockInfluence, Last, Streamline
+from layerprune.selection import Sparsity, make_plan
+
+from .test_scoring import toy_stats
+
+LAYER_PARAMS = [10, 10, 10, 10]  # toy model: 4 layers of 10 params + 60 embedding params
+TOTAL = 100
+
+
+def test_independent_removes_the_lowest_block_influence() -> None:
+    plan = make_plan(BlockInfluence(), toy_stats(), Sparsity(2, "layers"), LAYER_PARAMS, TOTAL)
+    assert plan.removed_layers == [1, 2]  # BI = [0.4, 0.05, 0.1, 0.3]
+    assert plan.kept_layers == [0, 3]
+    assert plan.block is None
+
+
+def test_contiguous_removes_the_most_similar_block() -> None:
+    plan = make_plan(Streamline(), toy_stats(), Sparsity(0.5), LAYER_PARAMS, TOTAL)
+    assert plan.removed_layers == [1, 2] and plan.block == {"start": 1, "size": 2}
+    d = plan.to_dict()
+    assert (d["params_before"], d["params_after"], d["params_removed"]) == (100, 80, 20)
+    assert d["removed_param_ratio"] == pytest.approx(0.2)
+    assert d["removed_layer_ratio"] == pytest.approx(0.5)
+    assert d["num_layers_after"] == 2
+
+
+def test_block_influence_can_select_a_block() -> None:
+    plan = make_plan(BlockInfluence("contiguous"), toy_stats(), Sparsity(3, "layers"), LAYER_PARAMS, TOTAL)
+    # 1 - cos over 3 layers: start 0 -> 0.55, start 1 -> 0.45
+    assert plan.removed_layers == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "expected"),
+    [
+        (Sparsity(1, "layers"), 1),
+        (Sparsity(0.25, "layer_ratio"), 1),
+        (Sparsity(0.6, "layer_ratio"), 2),  # 2.4 layers -> 2
+        (Sparsity(0.3, "param_ratio"), 3),  # 30 params / 10 per layer
+        (Sparsity(0.14, "param_ratio"), 1),  # 1.4 layers -> 1
+    ],
+)
+def test_sparsity_units(sparsity: Sparsity, expected: int) -> None:
+    assert sparsity.num_layers_to_remove(LAYER_PARAMS, TOTAL) == expected
+
+
+def test_last_keeps_the_final_layer() -> None:
+    plan = make_plan(Last(), toy_stats(), Sparsity(2, "layers"), LAYER_PARAMS, TOTAL)
+    assert plan.removed_layers == [1, 2]
+    plan = make_plan(Last("independent"), toy_stats(), Sparsity(2, "layers"), LAYER_PARAMS, TOTAL)
+    assert plan.removed_layers == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("amount", "unit", "message"),
+    [
+        (0, "layer_ratio", "sparsity must be > 0; got 0"),
+        (-0.1, "layer_ratio", "sparsity must be > 0"),
+        (1.0, "layer_ratio", "must be in \\(0, 1\\)"),
+        (2.5, "layers", "whole number"),
+        (0.2, "percent", "unknown sparsity unit 'percent'; allowed: layers, layer_ratio, param_ratio"),
+    ],
+)
+def test_bad_sparsity(amount: float, unit: str, message: str) -> None:
+    with pytest.raises(LayerpruneError, match=message):
+        Sparsity(amount, unit)
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "message"),
+    [(Sparsity(4, "layers"), "removes 4 of 4 layers"), (Sparsity(0.1, "layer_ratio"), "removes no layer")],
+)
+def test_sparsity_that_removes_all_or_nothing(sparsity: Sparsity, message: str) -> None:
+    with pytest.raises(LayerpruneError, match=message):
+        sparsity.num_layers_to_remove(LAYER_PARAMS, TOTAL)
