@@ -14,8 +14,11 @@ from layerprune.models import from_packaged_gguf
 
 from .conftest import MIRROR, compose_config
 
-TINY = ["model=tiny_llama", "calibration.n=4", "calibration.seq_len=32", "scoring.batch_size=2"]
-OUTPUTS = {"scores.json", "plan.json", "importance.png"}
+TINY = [
+    "model=tiny_llama", "calibration.n=4", "calibration.seq_len=32", "scoring.batch_size=2",
+    "eval=none", "logger=none",
+]  # fmt: skip
+OUTPUTS = {"scores.json", "plan.json", "importance.png", "metrics.json"}
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,10 @@ import logging
 import os
 import platform
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ import hydra
 import torch
 import transformers
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -25,12 +30,15 @@ import layerprune
 from layerprune.cache import JsonCache
 from layerprune.calibration import Calibration
 from layerprune.errors import LayerpruneError
-from layerprune.files import commit_dir, write_json
+from layerprune.evaluation import LM_EVAL_VERSION, EvalSuite, Evaluation, compare, evaluate, prepare, table
+from layerprune.files import cache_root, commit_dir, write_json
+from layerprune.mirror import TaskSource
 from layerprune.layers import layer_param_counts, param_count
 from layerprune.models import LoadedModel
 from layerprune.plots import plot_importance
 from layerprune.scoring import LayerStats, Scorer, Streamline, collect_layer_stats
 from layerprune.selection import Plan, Sparsity, make_plan
+from layerprune.stability import write_samples
 from layerprune.surgery import remove_layers
 
 log = logging.getLogger("layerprune")
@@ -38,6 +46,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
 SCHEMA_VERSION = 1
 SCORES_VERSION = 1  # bump when the statistics' definition changes (invalidates the cache)
+EVAL_VERSION = 1  # likewise for the dense-evaluation cache
 
 
 def default_mirror() -> str:
@@ -61,6 +70,7 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "lm_eval": LM_EVAL_VERSION,
     }
 
 
@@ -147,39 +157,113 @@ def build(node: DictConfig) -> Any:
         raise
 
 
-def run(cfg: DictConfig, out: Path) -> Plan:
+class Timer:
+    """Wall-clock seconds of each stage, recorded in metrics.json."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+
+    def total(self) -> dict[str, float]:
+        return {**self.seconds, "total": round(time.perf_counter() - self._start, 3)}
+
+
+def dense_evaluation(
+    loaded: LoadedModel, suite: EvalSuite, source: TaskSource, cfg: DictConfig
+) -> tuple[Evaluation, bool]:
+    """The original model's evaluation: computed once per (model, eval settings), then cached."""
+    key = {
+        "version": EVAL_VERSION,
+        "model": loaded.fingerprint,
+        "device": next(loaded.model.parameters()).device.type,
+        "suite": suite.identity(),
+        "data": source.identity(),
+    }
+    cache = JsonCache("dense_eval", cfg.paths.cache)
+    payload, hit = cache.get_or_compute(key, lambda: evaluate(loaded, suite, source).to_dict())
+    log.info("dense evaluation %s", "reused from the cache" if hit else "computed and cached")
+    return Evaluation.from_dict(payload), hit
+
+
+def write_samples_dir(out: Path, label: str, evaluation: Evaluation) -> None:
+    for task, samples in evaluation.samples.items():
+        write_samples(out / "samples" / label / f"{task}.jsonl.gz", samples)
+
+
+def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """One job; returns the record written to metrics.json."""
+    timer = Timer()
     sparsity = Sparsity(float(cfg.sparsity), str(cfg.sparsity_unit))
     scorer: Scorer = build(cfg.scorer)
     calibration: Calibration = build(cfg.calibration)
-    loaded: LoadedModel = build(cfg.model)
-    stats, hit = layer_stats(loaded, calibration, cfg)
+    tracker = build(cfg.logger)
+    suite: EvalSuite | None = build(cfg.eval) if cfg.get("eval") else None
+    source = prepare(suite, cfg.data.mirror, cache_root(cfg.paths.cache) / "tasks") if suite else None
+    with timer.stage("load"):
+        loaded: LoadedModel = build(cfg.model)
+    with timer.stage("score"):
+        stats, hit = layer_stats(loaded, calibration, cfg)
     plan = make_plan(
         scorer, stats, sparsity, layer_param_counts(loaded.model), param_count(loaded.model)
     )
-    remove_layers(loaded.model, plan.removed_layers)
+    dense = None
+    if suite and source:
+        with timer.stage("eval_dense"):
+            dense, dense_hit = dense_evaluation(loaded, suite, source, cfg)
+    with timer.stage("prune"):
+        remove_layers(loaded.model, plan.removed_layers)
+    pruned = None
+    if suite and source:
+        with timer.stage("eval_pruned"):
+            pruned = evaluate(loaded, suite, source)
     if cfg.save_model:
-        save_model(loaded, out / "model")
-    config = OmegaConf.to_container(cfg, resolve=True)
-    write_json(out / "scores.json", scores_record(loaded, calibration, stats, len(plan.removed_layers)))
-    write_json(
-        out / "plan.json",
-        {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "layerprune.plan",
-            "model": {"name": loaded.name, "fingerprint": loaded.fingerprint},
-            "plan": plan.to_dict(),
-            "config": config,
-            "versions": versions(),
-        },
-    )
+        with timer.stage("save"):
+            save_model(loaded, out / "model")
+    scores = scores_record(loaded, calibration, stats, len(plan.removed_layers))
+    write_json(out / "scores.json", scores)
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "layerprune.plan",
+        "model": {"name": loaded.name, "fingerprint": loaded.fingerprint},
+        "plan": plan.to_dict(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "versions": versions(),
+    }
+    write_json(out / "plan.json", record)
     title = f"{loaded.name}: {stats.n_windows} windows x {stats.n_tokens // stats.n_windows} tokens"
     plot_importance(stats, out / "importance.png", title, len(plan.removed_layers), plan.removed_layers)
     print(summary(loaded, plan, hit, out))
-    return plan
+    record = {**record, "kind": "layerprune.run", "scores_from_cache": hit}
+    if suite and source and dense and pruned:
+        write_samples_dir(out, "dense", dense)
+        write_samples_dir(out, "pruned", pruned)
+        comparison = compare(suite, source, dense, pruned)
+        record["eval"] = {**comparison, "dense_from_cache": dense_hit}
+        print(f"dense eval {'reused from the cache' if dense_hit else 'computed'}")
+        print(table(comparison))
+    record["timings"] = timer.total()
+    record["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_json(out / "metrics.json", record)
+    tracker.log_run({**record, "scores": scores}, out, pruned.raw if pruned else None)
+    return record
+
+
+def share_sweep_group(cfg: DictConfig) -> None:
+    """The jobs of one multirun log into one W&B group, named after the sweep folder."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and "group" in cfg.logger and cfg.logger.group is None:
+        cfg.logger.group = "sweep-" + "-".join(Path(hydra_cfg.sweep.dir).parts[-2:])
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
+    share_sweep_group(cfg)
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except LayerpruneError as e:

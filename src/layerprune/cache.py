@@ -24,7 +24,7 @@ def digest(obj: Any) -> str:
 
 class JsonCache:
     def __init__(self, kind: str, root: str | Path | None = None) -> None:
-        self.dir = (Path(root).expanduser() if root else cache_root()) / kind
+        self.dir = cache_root(root) / kind
 
     def path(self, key: Any) -> Path:
         return self.dir / f"{digest(key)[:24]}.json"

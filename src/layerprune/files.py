@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,9 +26,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
-    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
@@ -46,8 +49,10 @@ def commit_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def cache_root() -> Path:
-    """Where converted models and layer scores are cached (``LAYERPRUNE_CACHE`` overrides)."""
+def cache_root(override: str | Path | None = None) -> Path:
+    """Where models, scores and dense evaluations are cached (``LAYERPRUNE_CACHE`` overrides)."""
+    if override:
+        return Path(override).expanduser()
     env = os.environ.get("LAYERPRUNE_CACHE")
     if env:
         return Path(env).expanduser()

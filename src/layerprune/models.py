@@ -96,7 +96,7 @@ def from_pretrained(
             "model such as model=smollm2_135m, or a local folder)"
         ) from e
     if not device_map:
-        model.to(dev)
+        model.to(dev)  # type: ignore[arg-type]  # transformers types .to oddly
     if looks_local:
         files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in local.iterdir())
         identity: Any = ["local", str(local.resolve()), files]
@@ -177,8 +177,7 @@ def from_packaged_gguf(
     """
     files = [_package_file(p, pip, name) for p in parts]
     key = sha256 or _digest([(str(f), f.stat().st_size) for f in files])
-    root = Path(cache_dir).expanduser() if cache_dir else cache_root()
-    entry = root / "models" / f"{name}-{key[:16]}"
+    entry = cache_root(cache_dir) / "models" / f"{name}-{key[:16]}"
     if not (entry / "layerprune_source.json").is_file():
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
@@ -201,7 +200,8 @@ def from_packaged_gguf(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     dev = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(entry, dtype=resolve_dtype(dtype, dev)).to(dev)
+    model = AutoModelForCausalLM.from_pretrained(entry, dtype=resolve_dtype(dtype, dev))
+    model.to(dev)  # type: ignore[arg-type]  # transformers types .to oddly
     tokenizer = AutoTokenizer.from_pretrained(entry)
     return _finish(model, tokenizer, name, ["gguf", key])
 

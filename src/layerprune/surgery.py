@@ -40,7 +40,7 @@ def _slice_per_layer_lists(config: object, num_layers: int, kept: list[int]) -> 
 def _renumber(layer: nn.Module, new_idx: int) -> None:
     for module in layer.modules():
         if hasattr(module, "layer_idx"):
-            module.layer_idx = new_idx
+            setattr(module, "layer_idx", new_idx)  # noqa: B010 (mypy types it as a Module)
 
 
 def remove_layers(model: PreTrainedModel, removed: Iterable[int]) -> list[int]:

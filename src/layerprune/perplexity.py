@@ -1,0 +1,140 @@
+"""Perplexity of a text, every token scored exactly once.
+
+The text is read as calibration reads it: ``<doc>`` wrappers are stripped and the documents,
+tokenised separately, are joined by EOS (between documents, not after the last), so a plain
+file such as wikitext is one token stream exactly as the standard evaluation tokenises it.
+
+The stream is cut into windows of ``seq_len`` tokens. Without ``stride`` they do not overlap
+and each window's first token is context only. With ``stride`` they slide as in the Hugging
+Face guide: each starts ``stride`` tokens after the previous one and, after the first, scores
+only the tokens no earlier window scored, each with at least ``seq_len - stride`` of context.
+When ``add_bos`` and the tokenizer has a BOS, every window is BOS + ``seq_len - 1`` stream
+tokens and its first token is scored given BOS (Gemma's perplexity doubles without BOS).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from layerprune.calibration import split_documents
+from layerprune.errors import LayerpruneError
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float  # exp(nll)
+    nll: float  # mean negative log-likelihood per scored token, in nats
+    n_tokens: int  # tokens scored
+    n_windows: int
+    seq_len: int
+    stride: int | None
+
+
+def _stream(
+    tokenizer: PreTrainedTokenizerBase, docs: Iterable[str], max_tokens: int | None
+) -> list[int]:
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for i, doc in enumerate(docs):
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+        if i and eos is not None:
+            ids.append(eos)
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+    return ids[:max_tokens]
+
+
+def _windows(n: int, body: int, stride: int | None, bos: bool) -> Iterator[tuple[int, int, int]]:
+    """``(start, end, first)``: stream tokens start..end-1 go in, first..end-1 are scored."""
+    step = stride or body
+    start, done = 0, 0
+    while done < n:
+        end = min(start + body, n)
+        first = max(done, start + (not bos))
+        if first < end:
+            yield start, end, first
+        start, done = start + step, end
+
+
+@torch.no_grad()
+def _nll(model: PreTrainedModel, ids: torch.Tensor, first: int) -> float:
+    """Sum over rows of -log p(ids[:, t] | ids[:, :t]) for t >= ``first``."""
+    keep = ids.shape[1] - first + 1
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[:, :-1]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    target = ids[:, first:].unsqueeze(-1)
+    return -float(logp.gather(-1, target).double().sum())
+
+
+def perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text_or_docs: str | Iterable[str],
+    seq_len: int = 2048,
+    stride: int | None = None,
+    batch_size: int = 4,
+    add_bos: bool = True,
+    max_tokens: int | None = None,
+) -> PerplexityResult:
+    """Perplexity of a text (``<doc>`` wrappers allowed) or of documents given one by one.
+
+    ``max_tokens`` keeps only the start of the token stream, for quick estimates.
+    """
+    bos = tokenizer.bos_token_id if add_bos else None
+    body = seq_len - (bos is not None)
+    if seq_len < 2 or batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise LayerpruneError(
+            f"perplexity needs seq_len >= 2, batch_size >= 1 and max_tokens >= 1; got "
+            f"seq_len={seq_len}, batch_size={batch_size}, max_tokens={max_tokens}"
+        )
+    if stride is not None and not 1 <= stride <= body:
+        raise LayerpruneError(
+            f"perplexity stride={stride} must be between 1 and the window's {body} text tokens"
+        )
+    docs = split_documents(text_or_docs) if isinstance(text_or_docs, str) else text_or_docs
+    stream = _stream(tokenizer, docs, max_tokens)
+    if len(stream) < body:
+        raise LayerpruneError(
+            f"perplexity text gives {len(stream)} tokens, fewer than one window of "
+            f"seq_len={seq_len} ({body} text tokens); use a longer text or a smaller seq_len"
+        )
+    # Windows scoring the same positions batch together; only the first and last can differ.
+    prefix = [] if bos is None else [bos]
+    groups: dict[tuple[int, int], list[list[int]]] = {}
+    for start, end, first in _windows(len(stream), body, stride, bos is not None):
+        row = prefix + stream[start:end]
+        groups.setdefault((len(row), first - start + len(prefix)), []).append(row)
+    total, n_tokens, n_windows = 0.0, 0, 0
+    for (length, offset), rows in groups.items():
+        for i in range(0, len(rows), batch_size):
+            total += _nll(
+                model, torch.tensor(rows[i : i + batch_size], device=model.device), offset
+            )
+        n_tokens += len(rows) * (length - offset)
+        n_windows += len(rows)
+    nll = total / n_tokens
+    return PerplexityResult(math.exp(nll), nll, n_tokens, n_windows, seq_len, stride)
+
+
+def perplexity_of_file(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | Path,
+    seq_len: int = 2048,
+    stride: int | None = None,
+    batch_size: int = 4,
+    add_bos: bool = True,
+    max_tokens: int | None = None,
+) -> PerplexityResult:
+    """:func:`perplexity` of a UTF-8 text file such as the data mirror's ``text/wiki.txt``."""
+    path = Path(path)
+    if not path.is_file():
+        raise LayerpruneError(f"perplexity file '{path}' does not exist")
+    text = path.read_text(encoding="utf-8")
+    return perplexity(model, tokenizer, text, seq_len, stride, batch_size, add_bos, max_tokens)

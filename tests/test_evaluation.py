@@ -1,0 +1,143 @@
+"""lm-eval integration: offline mirror tasks, numbers equal to lm-eval run directly, stability."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lm_eval
+import pytest
+import yaml
+from lm_eval.tasks import TaskManager
+
+from layerprune.errors import LayerpruneError
+from layerprune.evaluation import EvalSuite, evaluate, prepare
+from layerprune.mirror import prepare_tasks
+
+from .conftest import MIRROR, load
+
+QUESTIONS = [
+    ("the cat sat on the", ["mat", "sky", "idea"], 0),
+    ("one two three", ["four", "blue", "seven hundred"], 0),
+    ("water is", ["wet", "a prime number", "dry"], 0),
+    ("ab ab ab", ["ab", "zz", "q"], 0),
+    ("north south east", ["west", "up", "cheese"], 0),
+    ("red green", ["blue", "loud", "seventeen"], 0),
+    ("monday tuesday", ["wednesday", "banana", "x"], 0),
+    ("a b c d", ["e", "zebra", "moon"], 0),
+]
+
+
+def local_task(tmp_path: Path) -> Path:
+    """A small multiple-choice task whose data is a local JSON Lines file."""
+    data = tmp_path / "tiny_mc.jsonl"
+    rows = [{"question": q, "choices": c, "label": (i % 3)} for i, (q, c, _) in enumerate(QUESTIONS)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    spec = {
+        "task": "tiny_mc",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "output_type": "multiple_choice",
+        "test_split": "test",
+        "doc_to_text": "Q: {{question}}\nA:",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "label",
+        "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+    }
+    (folder / "tiny_mc.yaml").write_text(yaml.safe_dump(spec))
+    return folder
+
+
+def test_mirror_task_includes_the_builtin_yaml_and_swaps_only_the_data(tmp_path: Path) -> None:
+    source = prepare_tasks(["arc_challenge"], MIRROR, 0, tmp_path)
+    (generated,) = tmp_path.glob("mirror-tasks-*/arc_challenge.yaml")
+    cfg = yaml.safe_load(generated.read_text())
+    assert cfg["include"].endswith("lm_eval/tasks/arc/arc_challenge.yaml")
+    test_file = MIRROR.resolve() / "hf/allenai/ai2_arc/ARC-Challenge/test.jsonl"
+    assert cfg["dataset_kwargs"] == {"data_files": {"test": str(test_file)}}
+    assert cfg["test_split"] == "test"
+    assert cfg["training_split"] is None and cfg["validation_split"] is None  # not mirrored
+    assert set(cfg) == {"include", "task", "dataset_path", "dataset_name", "dataset_kwargs",
+                        "training_split", "validation_split", "test_split", "fewshot_split"}  # fmt: skip
+    entry = source.manager.task_index["arc_challenge"]
+    assert Path(entry.yaml_path) == generated  # shadows the built-in task
+
+
+def test_a_group_runs_every_subtask_from_the_mirror(tmp_path: Path) -> None:
+    source = prepare_tasks(["mmlu"], MIRROR, 0, tmp_path)
+    assert len(source.members["mmlu"]) == 57
+    assert len(list(tmp_path.glob("mirror-tasks-*/mmlu_*.yaml"))) == 57
+
+
+def test_missing_data_is_listed_before_any_model_work(tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror"
+    (mirror / "hf/baber/piqa/default").mkdir(parents=True)
+    (mirror / "hf/baber/piqa/default/validation.jsonl").write_text("{}\n")
+    with pytest.raises(LayerpruneError) as err:
+        prepare_tasks(["piqa", "arc_easy", "boolq"], mirror, 0, tmp_path)
+    message = str(err.value)
+    assert message.startswith("2 task split(s) missing from the data mirror")
+    assert "arc_easy: " + str(mirror / "hf/allenai/ai2_arc/ARC-Easy/test.jsonl") in message
+    assert "boolq: " + str(mirror / "hf/aps/super_glue/boolq/validation.jsonl") in message
+    assert "piqa" not in message.split("):", 1)[1]
+
+
+def test_few_shot_mmlu_needs_the_dev_split_the_mirror_lacks(tmp_path: Path) -> None:
+    with pytest.raises(LayerpruneError, match=r"57 task split\(s\) missing .*num_fewshot=5.*dev\.jsonl"):
+        prepare_tasks(["mmlu"], MIRROR, 5, tmp_path)
+
+
+def test_unknown_task_suggests_close_names(tmp_path: Path) -> None:
+    with pytest.raises(LayerpruneError, match=r"unknown lm-eval task 'piqaa' \(did you mean piqa"):
+        prepare_tasks(["piqaa"], MIRROR, 0, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"limit": 0}, "eval.limit must be > 0 or null (all documents); got 0"),
+        ({"tasks": []}, "eval.tasks is empty"),
+        ({"limit": 3, "samples": {"piqa": [1]}}, "exclude each other"),
+    ],
+)
+def test_bad_eval_settings(kwargs: dict, message: str) -> None:
+    with pytest.raises(LayerpruneError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        EvalSuite(**{"tasks": ["piqa"], **kwargs})
+
+
+def test_dense_numbers_equal_lm_eval_run_directly(tmp_path: Path) -> None:
+    """layerprune's in-memory evaluation against lm-eval's own CLI path on the saved model."""
+    tasks = local_task(tmp_path)
+    loaded = load("tiny_llama")
+    suite = EvalSuite(tasks=["tiny_mc"], batch_size=4, include_path=str(tasks))
+    ours = evaluate(loaded, suite, prepare(suite, MIRROR, tmp_path / "work"))
+
+    loaded.model.save_pretrained(tmp_path / "model")
+    loaded.tokenizer.save_pretrained(tmp_path / "model")
+    direct = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(tmp_path / "model"), "dtype": "float32", "device": "cpu"},
+        tasks=["tiny_mc"],
+        task_manager=TaskManager(include_path=str(tasks)),
+        batch_size=4,
+        log_samples=True,
+        bootstrap_iters=0,
+    )
+    assert direct is not None
+    expected = direct["results"]["tiny_mc"]
+    assert ours.metrics["tiny_mc"]["acc"] == expected["acc,none"]
+    assert ours.metrics["tiny_mc"]["acc_norm"] == expected["acc_norm,none"]
+    # Per-sample predictions reproduce lm-eval's own per-document scores.
+    logged = {row["doc_id"]: row for row in direct["samples"]["tiny_mc"]}
+    samples = ours.samples["tiny_mc"]
+    assert len(samples) == len(QUESTIONS)
+    for s in samples:
+        row = logged[s.doc_id]
+        assert s.gold == s.doc_id % 3
+        assert float(s.pred_acc == s.gold) == row["acc"]
+        assert float(s.pred_norm == s.gold) == row["acc_norm"]
+        assert s.loglikelihoods == pytest.approx([r[0] for r in row["filtered_resps"]], abs=1e-5)
+        assert s.chars == [len(c) for c in QUESTIONS[s.doc_id][1]]
+        assert s.tokens == [len(" " + c) for c in QUESTIONS[s.doc_id][1]]  # byte tokenizer
