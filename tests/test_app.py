@@ -16,7 +16,7 @@ from .conftest import MIRROR, compose_config
 
 TINY = [
     "model=tiny_llama", "calibration.n=4", "calibration.seq_len=32", "scoring.batch_size=2",
-    "eval=none", "logger=none",
+    "eval=none", "logger=none", "force=true",
 ]  # fmt: skip
 OUTPUTS = {"scores.json", "plan.json", "importance.png", "metrics.json"}
 
@@ -30,7 +30,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_run_writes_scores_plan_and_plot(tmp_path: Path) -> None:
     cfg = compose_config([*TINY, "scorer=streamline", "sparsity=2", "sparsity_unit=layers", "save_model=true"])
-    plan = run(cfg, tmp_path)
+    record = run(cfg, tmp_path)
     assert OUTPUTS | {"model"} <= {p.name for p in tmp_path.iterdir()}
     scores = json.loads((tmp_path / "scores.json").read_text())
     saved = json.loads((tmp_path / "plan.json").read_text())
@@ -38,7 +38,7 @@ def test_run_writes_scores_plan_and_plot(tmp_path: Path) -> None:
     assert len(scores["cosine_matrix"]) == 7 and len(scores["block_metrics"]["streamline_similarity"]) == 5
     sims = scores["block_metrics"]["streamline_similarity"]
     start = max(range(5), key=lambda j: sims[j])
-    assert saved["plan"]["removed_layers"] == [start, start + 1] == plan.removed_layers
+    assert saved["plan"]["removed_layers"] == [start, start + 1] == record["plan"]["removed_layers"]
     assert saved["config"]["scorer"]["_target_"] == "layerprune.scoring.Streamline"
     assert "torch" in saved["versions"]
     model_cfg = json.loads((tmp_path / "model" / "config.json").read_text())
@@ -94,3 +94,38 @@ def test_multirun_scores_each_model_once(tmp_path: Path) -> None:
     assert result.stdout.count("scores from cache") == 7
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert len(jobs) == 8 and all(OUTPUTS <= {f.name for f in job.iterdir()} for job in jobs)
+
+
+def test_a_finished_config_is_skipped_unless_forced(tmp_path: Path, capsys) -> None:
+    overrides = [*TINY[:-1], f"paths.runs={tmp_path}"]
+    first = run(compose_config(overrides), tmp_path / "a")
+    before = (tmp_path / "a" / "metrics.json").read_bytes()
+    again = run(compose_config(overrides), tmp_path / "b")
+    assert again == first and not (tmp_path / "b").exists()
+    assert f"skipped: a finished run of this config (hash {first['config_hash']})" in capsys.readouterr().out
+    assert (tmp_path / "a" / "metrics.json").read_bytes() == before
+    run(compose_config([*overrides, "sparsity=0.5"]), tmp_path / "c")  # another config runs
+    run(compose_config([*overrides, "force=true"]), tmp_path / "d")  # and so does force
+    assert (tmp_path / "c" / "metrics.json").is_file() and (tmp_path / "d" / "metrics.json").is_file()
+
+
+def test_layer_replacement_removes_one_more_layer_and_puts_one_back(tmp_path: Path) -> None:
+    cfg = compose_config([
+        *TINY, "scorer=streamline", "sparsity=2", "sparsity_unit=layers", "recovery=layer",
+        "recovery.train_data.n=12", "recovery.train_data.seq_len=32", "save_model=true",
+    ])  # fmt: skip
+    record = run(cfg, tmp_path)
+    plan, (report,) = record["plan"], record["recovery"]
+    assert len(plan["removed_layers"]) == 3 and plan["layers_added"] == 1
+    assert plan["num_layers_after"] == 4 and plan["removed_layer_ratio"] == pytest.approx(2 / 6)
+    assert report["block_start"] == plan["removed_layers"][0] and report["block_size"] == 3
+    assert plan["params_before"] - plan["params_after"] == report["params_net"]
+    assert report["heldout_mse_after"] < report["heldout_mse_before"]
+    model_cfg = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert model_cfg["num_hidden_layers"] == 4
+
+
+def test_block_recovery_needs_a_contiguous_scorer() -> None:
+    cfg = compose_config([*TINY, "scorer=block_influence", "recovery=layer"])
+    with pytest.raises(LayerpruneError, match="needs a contiguous block.*scorer.selection=contiguous"):
+        run(cfg, Path("/nonexistent"))

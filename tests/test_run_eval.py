@@ -23,6 +23,7 @@ def eval_overrides(tmp_path: Path) -> list[str]:
     return [
         "model=tiny_llama", "calibration.n=4", "calibration.seq_len=32", "logger=none",
         "sparsity=2", "sparsity_unit=layers", f"paths.cache={tmp_path / 'cache'}",
+        f"paths.runs={tmp_path}", "force=true",
         "eval=quick", "eval.tasks=[tiny_mc]", f"eval.include_path={local_task(tmp_path)}",
         "eval.limit=null", "eval.batch_size=4", f"eval.perplexity.path={text}",
         "eval.perplexity.seq_len=64", "eval.perplexity.max_tokens=null",

@@ -78,3 +78,13 @@ def test_bad_sparsity(amount: float, unit: str, message: str) -> None:
 def test_sparsity_that_removes_all_or_nothing(sparsity: Sparsity, message: str) -> None:
     with pytest.raises(LayerpruneError, match=message):
         sparsity.num_layers_to_remove(LAYER_PARAMS, TOTAL)
+
+
+def test_a_replacement_layer_grows_the_block_so_the_net_removal_meets_the_target() -> None:
+    # 0.2 of 100 params = 2 layers of 10 net; one layer comes back, so the block is 3 layers
+    plan = make_plan(Streamline(), toy_stats(), Sparsity(0.2, "param_ratio"), LAYER_PARAMS, TOTAL, 1)
+    assert plan.removed_layers == [1, 2, 3] and plan.layers_added == 1
+    d = plan.to_dict()
+    assert d["num_layers_after"] == 2 and d["removed_layer_ratio"] == pytest.approx(0.5)
+    with pytest.raises(LayerpruneError, match="needs a block of 4 of 4 layers"):
+        make_plan(Streamline(), toy_stats(), Sparsity(3, "layers"), LAYER_PARAMS, TOTAL, 1)

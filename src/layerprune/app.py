@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import resource
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,15 +29,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import layerprune
-from layerprune.cache import JsonCache
+from layerprune.cache import JsonCache, digest
 from layerprune.calibration import Calibration
 from layerprune.errors import LayerpruneError
 from layerprune.evaluation import LM_EVAL_VERSION, EvalSuite, Evaluation, compare, evaluate, prepare, table
-from layerprune.files import cache_root, commit_dir, write_json
+from layerprune.files import cache_root, commit_dir, read_json, write_json
 from layerprune.mirror import TaskSource
 from layerprune.layers import layer_param_counts, param_count
 from layerprune.models import LoadedModel
 from layerprune.plots import plot_importance
+from layerprune.recovery import save_recovered
 from layerprune.scoring import LayerStats, Scorer, Streamline, collect_layer_stats
 from layerprune.selection import Plan, Sparsity, make_plan
 from layerprune.stability import write_samples
@@ -127,8 +130,9 @@ def scores_record(loaded: LoadedModel, cal: Calibration, stats: LayerStats, k: i
 
 
 def save_model(loaded: LoadedModel, out: Path) -> None:
+    """A standard checkpoint; with ``ffn`` replacements, plus their weights (see recovery)."""
     tmp = out.with_name(f".{out.name}.tmp")
-    loaded.model.save_pretrained(tmp)
+    save_recovered(loaded.model, tmp)
     loaded.tokenizer.save_pretrained(tmp)
     commit_dir(tmp, out)
 
@@ -174,6 +178,14 @@ class Timer:
         return {**self.seconds, "total": round(time.perf_counter() - self._start, 3)}
 
 
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process (and of the GPU), in GiB."""
+    peak = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    if torch.cuda.is_available():
+        peak["cuda"] = torch.cuda.max_memory_allocated() / 2**30
+    return {k: round(v, 3) for k, v in peak.items()}
+
+
 def dense_evaluation(
     loaded: LoadedModel, suite: EvalSuite, source: TaskSource, cfg: DictConfig
 ) -> tuple[Evaluation, bool]:
@@ -191,33 +203,98 @@ def dense_evaluation(
     return Evaluation.from_dict(payload), hit
 
 
+@dataclass
+class Recovery:
+    """A ``conf/recovery`` option: steps run in order, on windows from ``train_data``."""
+
+    steps: list[Any]
+    train_data: Calibration | None
+
+    @property
+    def layers_added(self) -> int:
+        return sum(step.layers_added for step in self.steps)
+
+    def check(self, scorer: Scorer) -> None:
+        """A block replacement needs a contiguous block: say so before loading anything."""
+        for step in self.steps:
+            if step.contiguous and scorer.selection != "contiguous":
+                raise LayerpruneError(
+                    f"recovery step {type(step).__name__} needs a contiguous block, but scorer "
+                    f"'{scorer.name}' selects '{scorer.selection}' layers; set "
+                    "scorer.selection=contiguous"
+                )
+
+    def apply(self, loaded: LoadedModel, removed: list[int]) -> list[dict[str, Any]]:
+        """Prune (a replacing step prunes the dense model itself) and recover."""
+        windows = self.train_data.windows(loaded.tokenizer) if self.train_data else None
+        reports, pruned = [], False
+        for step in self.steps:
+            if not step.prunes and not pruned:
+                remove_layers(loaded.model, removed)
+                pruned = True
+            assert windows is not None
+            reports.append(step(loaded.model, removed, windows).to_dict())
+            pruned = pruned or step.prunes
+        if not pruned:
+            remove_layers(loaded.model, removed)
+        return reports
+
+
 def write_samples_dir(out: Path, label: str, evaluation: Evaluation) -> None:
     for task, samples in evaluation.samples.items():
         write_samples(out / "samples" / label / f"{task}.jsonl.gz", samples)
 
 
+NOT_HASHED = ("paths", "logger", "force")  # where results go and how they are logged
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identifies what a run computes: the resolved config less paths, logger and force."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    return digest({k: v for k, v in resolved.items() if k not in NOT_HASHED})[:16]
+
+
+def finished_run(root: Path, key: str) -> Path | None:
+    """A complete earlier run of the same config under the results root (metrics.json is
+    written last and atomically, so its presence means the run finished)."""
+    for path in sorted(root.glob("**/metrics.json")):
+        try:
+            if read_json(path).get("config_hash") == key:
+                return path.parent
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    """One job; returns the record written to metrics.json."""
+    """One job; returns the record written to metrics.json (or the earlier one, if skipped)."""
+    key = config_hash(cfg)
+    if not cfg.get("force", False) and (done := finished_run(Path(cfg.paths.runs), key)):
+        print(f"skipped: a finished run of this config (hash {key}) is in {done}")
+        return dict(read_json(done / "metrics.json"))
     timer = Timer()
     sparsity = Sparsity(float(cfg.sparsity), str(cfg.sparsity_unit))
     scorer: Scorer = build(cfg.scorer)
     calibration: Calibration = build(cfg.calibration)
     tracker = build(cfg.logger)
+    recovery = Recovery(**build(cfg.recovery))
+    recovery.check(scorer)
     suite: EvalSuite | None = build(cfg.eval) if cfg.get("eval") else None
     source = prepare(suite, cfg.data.mirror, cache_root(cfg.paths.cache) / "tasks") if suite else None
     with timer.stage("load"):
         loaded: LoadedModel = build(cfg.model)
     with timer.stage("score"):
         stats, hit = layer_stats(loaded, calibration, cfg)
-    plan = make_plan(
-        scorer, stats, sparsity, layer_param_counts(loaded.model), param_count(loaded.model)
-    )
+    layer_params, params_before = layer_param_counts(loaded.model), param_count(loaded.model)
+    plan = make_plan(scorer, stats, sparsity, layer_params, params_before, recovery.layers_added)
     dense = None
     if suite and source:
         with timer.stage("eval_dense"):
             dense, dense_hit = dense_evaluation(loaded, suite, source, cfg)
-    with timer.stage("prune"):
-        remove_layers(loaded.model, plan.removed_layers)
+    with timer.stage("prune_recover"):
+        recovery_reports = recovery.apply(loaded, plan.removed_layers)
+    plan = replace(plan, params_after=param_count(loaded.model))  # net of replacements
     pruned = None
     if suite and source:
         with timer.stage("eval_pruned"):
@@ -239,7 +316,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     title = f"{loaded.name}: {stats.n_windows} windows x {stats.n_tokens // stats.n_windows} tokens"
     plot_importance(stats, out / "importance.png", title, len(plan.removed_layers), plan.removed_layers)
     print(summary(loaded, plan, hit, out))
-    record = {**record, "kind": "layerprune.run", "scores_from_cache": hit}
+    record = {**record, "kind": "layerprune.run", "config_hash": key, "scores_from_cache": hit,
+              "recovery": recovery_reports}  # fmt: skip
     if suite and source and dense and pruned:
         write_samples_dir(out, "dense", dense)
         write_samples_dir(out, "pruned", pruned)
@@ -248,6 +326,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         print(f"dense eval {'reused from the cache' if dense_hit else 'computed'}")
         print(table(comparison))
     record["timings"] = timer.total()
+    record["peak_memory_gib"] = peak_memory()
     record["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_json(out / "metrics.json", record)
     tracker.log_run({**record, "scores": scores}, out, pruned.raw if pruned else None)

@@ -67,6 +67,7 @@ class Plan:
     params_before: int
     params_after: int
     importance: list[float]
+    layers_added: int = 0  # modules a recovery puts back in place of the block (LLM-Streamline)
 
     @property
     def params_removed(self) -> int:
@@ -76,8 +77,8 @@ class Plan:
         return {
             **asdict(self),
             "num_layers_removed": len(self.removed_layers),
-            "num_layers_after": len(self.kept_layers),
-            "removed_layer_ratio": len(self.removed_layers) / self.num_layers,
+            "num_layers_after": len(self.kept_layers) + self.layers_added,
+            "removed_layer_ratio": (len(self.removed_layers) - self.layers_added) / self.num_layers,
             "params_removed": self.params_removed,
             "removed_param_ratio": self.params_removed / self.params_before,
         }
@@ -95,12 +96,24 @@ def select_layers(scorer: Scorer, stats: LayerStats, k: int) -> tuple[list[int],
 
 
 def make_plan(
-    scorer: Scorer, stats: LayerStats, sparsity: Sparsity, layer_params: list[int], total_params: int
+    scorer: Scorer,
+    stats: LayerStats,
+    sparsity: Sparsity,
+    layer_params: list[int],
+    total_params: int,
+    layers_added: int = 0,
 ) -> Plan:
+    """``layers_added`` modules will replace the removed block: the sparsity target counts the
+    NET removal, so the block is that much larger (LLM-Streamline replaces n+1 layers by one)."""
     num = stats.num_layers
     if len(layer_params) != num:
         raise LayerpruneError(f"scores cover {num} layers but the model has {len(layer_params)}")
-    k = sparsity.num_layers_to_remove(layer_params, total_params)
+    k = sparsity.num_layers_to_remove(layer_params, total_params) + layers_added
+    if k >= num:
+        raise LayerpruneError(
+            f"sparsity {sparsity.amount} ({sparsity.unit}) with {layers_added} replacement layer(s) "
+            f"needs a block of {k} of {num} layers; keep at least one"
+        )
     removed, importance = select_layers(scorer, stats, k)
     block = {"start": removed[0], "size": k} if scorer.selection == "contiguous" else None
     return Plan(
@@ -114,4 +127,5 @@ def make_plan(
         params_before=total_params,
         params_after=total_params - sum(layer_params[i] for i in removed),
         importance=importance,
+        layers_added=layers_added,
     )

@@ -1,0 +1,123 @@
+"""Saving a model that holds ``ffn`` replacements, which no transformers config can describe.
+
+A transformers checkpoint rebuilds every decoder layer from one config: the same class, one
+``intermediate_size`` and ``hidden_act``, a gated MLP and an attention in every layer. The
+``ffn`` module (ReLU MLP of width 4d, no gate, no attention) fits none of that, so
+:func:`save_recovered` writes
+
+* a standard checkpoint of the rest (the model without the replacement slots: loaded alone,
+  it is the block-pruned model without recovery),
+* ``layerprune_replacement.safetensors`` with the modules' weights, and
+* a ``layerprune_replacement`` config entry saying where each slot goes,
+
+and :func:`load_recovered` puts the modules back in their slots.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from layerprune.files import atomic_write
+from layerprune.layers import decoder_stack
+from layerprune.recovery.modules import FFNReplacement
+from layerprune.surgery import PRUNING_RECORD, _renumber, remove_layers
+
+WEIGHTS = "layerprune_replacement.safetensors"
+RECORD = "layerprune_replacement"
+
+
+def _per_layer(config: object, num_layers: int) -> dict[str, list[Any]]:
+    """Config lists with one entry per layer (those that surgery slices)."""
+    return {
+        key: list(value)
+        for key, value in vars(config).items()
+        if isinstance(value, (list, tuple)) and len(value) == num_layers and key != PRUNING_RECORD
+    }
+
+
+def _configs(model: PreTrainedModel) -> list[Any]:
+    stack = decoder_stack(model)
+    return list({id(c): c for c in (stack.config, model.config)}.values())
+
+
+def save_recovered(model: PreTrainedModel, path: str | Path) -> Path:
+    """Write ``model`` (possibly holding :class:`FFNReplacement` layers) to the folder ``path``."""
+    path = Path(path)
+    stack = decoder_stack(model)
+    layers = stack.layers
+    ffns = {i: layer for i, layer in enumerate(layers) if isinstance(layer, FFNReplacement)}
+    if not ffns:  # a standard model: a standard checkpoint and nothing else
+        model.save_pretrained(path)
+        return path
+    per_layer = _per_layer(stack.config, stack.num_layers)
+    entries = [
+        {
+            "index": i,
+            "hidden_size": ffn.up.in_features,
+            "expansion": ffn.up.out_features // ffn.up.in_features,
+            "eps": ffn.norm.eps,
+            "per_layer": {key: values[i] for key, values in per_layer.items()},
+        }
+        for i, ffn in ffns.items()
+    ]
+    tensors = {
+        f"{i}.{name}": t.detach().contiguous().cpu()
+        for i, ffn in ffns.items()
+        for name, t in ffn.state_dict().items()
+    }
+    # Save the rest by pruning the slots for the moment, then restore layers and configs.
+    snapshots = [(c, dict(vars(c))) for c in _configs(model)]
+    try:
+        remove_layers(model, list(ffns))
+        record = {"slots": entries, PRUNING_RECORD: snapshots[0][1].get(PRUNING_RECORD)}
+        setattr(stack.config, RECORD, record)
+        model.save_pretrained(path)
+        atomic_write(path / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+    finally:
+        stack.layers = layers
+        for idx, layer in enumerate(layers):
+            _renumber(layer, idx)
+        for config, saved in snapshots:
+            vars(config).clear()
+            vars(config).update(saved)
+    return path
+
+
+def load_recovered(path: str | Path, **kwargs: Any) -> PreTrainedModel:
+    """Load a folder written by :func:`save_recovered`; ``kwargs`` go to ``from_pretrained``."""
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    stack = decoder_stack(model)
+    record = getattr(stack.config, RECORD, None)
+    if not record:
+        return model
+    weights = load_file(str(path / WEIGHTS))
+    param = next(model.parameters())
+    layers = list(stack.layers)
+    configs = [c for c in _configs(model) if getattr(c, "num_hidden_layers", None) == len(layers)]
+    for entry in sorted(record["slots"], key=lambda e: e["index"]):
+        i = entry["index"]
+        module = FFNReplacement(entry["hidden_size"], entry["eps"], entry["expansion"])
+        prefix = f"{i}."
+        module.load_state_dict(
+            {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+        )
+        layers.insert(i, module.to(device=param.device, dtype=param.dtype))
+        for config in configs:
+            for key, value in entry["per_layer"].items():
+                values = list(getattr(config, key))
+                values.insert(i, value)
+                setattr(config, key, values)
+    stack.layers = nn.ModuleList(layers)
+    for idx, layer in enumerate(layers):
+        _renumber(layer, idx)
+    for config in configs:
+        config.num_hidden_layers = len(layers)
+    setattr(stack.config, PRUNING_RECORD, record[PRUNING_RECORD])
+    delattr(stack.config, RECORD)
+    return model.eval()

@@ -1,0 +1,65 @@
+"""What a recovery step did, in a form the app can log and write as JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from layerprune.layers import decoder_stack
+from layerprune.surgery import original_layer_indices
+
+
+@dataclass
+class RecoveryReport:
+    """Held-out figures compare f(h_in) with the dense model's h_out on windows not trained on.
+
+    ``*_identity`` is the plain pruning baseline f(h) = h; ``*_before`` the module at its
+    initialisation. LoRA healing reports the held-out LM loss in ``heldout_lm_loss_*`` instead.
+    """
+
+    method: str
+    block_start: int | None = None
+    block_size: int = 0
+    layers_added: int = 0
+    params_removed: int = 0
+    params_added: int = 0
+    steps: int = 0
+    final_loss: float | None = None
+    train_time_s: float = 0.0
+    train_windows: int = 0
+    heldout_windows: int = 0
+    heldout_mse_identity: float | None = None
+    heldout_mse_before: float | None = None
+    heldout_mse_after: float | None = None
+    heldout_cosine_identity: float | None = None
+    heldout_cosine_before: float | None = None
+    heldout_cosine_after: float | None = None
+    heldout_lm_loss_before: float | None = None
+    heldout_lm_loss_after: float | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params_net(self) -> int:
+        """Parameters removed minus added (positive: the model got smaller)."""
+        return self.params_removed - self.params_added
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "params_net": self.params_net}
+
+
+RECOVERY_RECORD = "layerprune_recovery"
+
+
+def record_recovery(model: PreTrainedModel, report: RecoveryReport, replaced: list[int]) -> None:
+    """Note in the config what replaced which original layers, so a saved checkpoint tells.
+
+    A dict, not a list: surgery slices every config list as long as the layer count.
+    """
+    config = decoder_stack(model).config
+    originals = original_layer_indices(model)
+    entry = {"method": report.method, "original_layers": [originals[i] for i in replaced]}
+    record = getattr(config, RECOVERY_RECORD, None) or {"steps": []}
+    record["steps"].append({**entry, **report.settings})
+    setattr(config, RECOVERY_RECORD, record)

@@ -1,0 +1,250 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from layerprune.calibration import TextFile
+from layerprune.errors import LayerpruneError
+from layerprune.layers import decoder_stack
+from layerprune.models import byte_tokenizer
+from layerprune.recovery import (
+    LayerReplacement,
+    LinearReplacement,
+    LoraHealing,
+    contiguous_block,
+    load_recovered,
+    lora_heal,
+    replace_block,
+    replace_linear,
+    save_recovered,
+    stream_block,
+)
+from layerprune.recovery.linear import fit_linear
+from layerprune.surgery import remove_layers
+
+from .conftest import MIRROR, compose_config, load
+from .surgery_checks import logits, skip_reference
+from .test_scoring import naive_states
+
+FAST = {"batch_size": 4, "progress": False}
+
+
+def tokens(n: int, seq_len: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 250, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def weights(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: PreTrainedModel, before: dict[str, torch.Tensor], num: int) -> None:
+    assert decoder_stack(model).num_layers == model.config.num_hidden_layers == num
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(p.requires_grad for p in model.parameters())  # the caller's flags restored
+
+
+def assert_round_trip(model: PreTrainedModel, ids: torch.Tensor, tmp: Path) -> None:
+    model.save_pretrained(tmp)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype).eval()
+    assert reloaded.config.num_hidden_layers == model.config.num_hidden_layers
+    assert decoder_stack(reloaded).num_layers == decoder_stack(model).num_layers
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma3"])
+@pytest.mark.parametrize(("start", "size"), [(1, 2), (3, 3)])
+def test_streamed_states_equal_hidden_states(name: str, start: int, size: int) -> None:
+    model = load(name).model
+    windows = tokens(5)
+    states = naive_states(model, windows, post_norm_last=False)  # pre-norm last state
+    batches = list(stream_block(model, start, size, windows, batch_size=2))
+    assert [len(b.h_in) for b in batches] == [2, 2, 1]
+    h_in = torch.cat([b.h_in for b in batches]).double()
+    h_out = torch.cat([b.h_out for b in batches]).double()
+    torch.testing.assert_close(h_in, states[start], atol=1e-5, rtol=0)
+    torch.testing.assert_close(h_out, states[start + size], atol=1e-5, rtol=0)
+    assert "position_embeddings" in batches[0].layer_kwargs
+
+
+def naive_mlp_fit(
+    model: PreTrainedModel, start: int, size: int, windows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """M (the MLP output of layer start-1), h_i and the target Y, from one plain forward."""
+    grabbed: list[torch.Tensor] = []
+    mlp = decoder_stack(model).layers[start - 1].mlp
+    handle = mlp.register_forward_hook(lambda _m, _a, out: grabbed.append(out))
+    states = naive_states(model, windows, post_norm_last=False)
+    handle.remove()
+    dim = model.config.hidden_size
+    m = grabbed[0].double().reshape(-1, dim)
+    h_i = states[start].reshape(-1, dim)
+    y = states[start + size].reshape(-1, dim) - (h_i - m)
+    return m, h_i, y
+
+
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_linear_fit_is_least_squares_and_folds_exactly(mlp_bias: bool) -> None:
+    cfg = compose_config(["model=tiny_llama", f"+model.config.mlp_bias={mlp_bias}"])
+    model = instantiate(cfg.model, _convert_="all").model
+    start, size, windows = 2, 2, tokens(8)
+    m, h_i, y = naive_mlp_fit(model, start, size, windows)
+    expected = torch.linalg.lstsq(m, y).solution
+    got, n_tokens = fit_linear(model, start, size, windows, batch_size=3)
+    assert n_tokens == windows.numel()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+    replace_linear(model, start, size, windows, batch_size=3)
+    assert model.config.num_hidden_layers == 4
+    folded = model(input_ids=windows, output_hidden_states=True).hidden_states[start]
+    by_hand = m @ expected + (h_i - m)
+    torch.testing.assert_close(
+        folded.double().reshape(by_hand.shape), by_hand, atol=1e-4, rtol=1e-4
+    )
+
+
+def test_linear_errors() -> None:
+    with pytest.raises(LayerpruneError, match=r"Gemma3DecoderLayer.*post_feedforward_layernorm"):
+        replace_linear(load("tiny_gemma3").model, 2, 2, tokens(4))
+    with pytest.raises(LayerpruneError, match="block start 0 has none"):
+        replace_linear(load("tiny_llama").model, 0, 2, tokens(4))
+
+
+@pytest.mark.parametrize("kind", ["layer", "swiglu", "ffn"])
+def test_training_reduces_heldout_mse(kind: str) -> None:
+    # Byte-level text, not random tokens: a module fitted on random tokens only memorises them.
+    wiki = TextFile(n=40, seq_len=32, path=str(MIRROR / "text" / "wiki.txt"))
+    windows = wiki.windows(byte_tokenizer())
+    model = load("tiny_llama").model
+    _, report = replace_block(
+        model, 1, 3, kind, windows[:32], epochs=4, lr=3e-3, heldout=windows[32:], **FAST
+    )
+    assert report.heldout_mse_after < 0.7 * report.heldout_mse_before
+    assert report.heldout_cosine_after > report.heldout_cosine_before
+    assert (report.steps, report.train_windows, report.heldout_windows) == (32, 32, 8)
+    assert report.block_size == 3 and report.layers_added == 1
+    assert model.config.num_hidden_layers == decoder_stack(model).num_layers == 4
+    if kind == "ffn":  # zero output projection: the untrained module is plain pruning
+        assert report.heldout_mse_before == pytest.approx(report.heldout_mse_identity)
+        assert report.params_added == 64 * 256 * 2 + 256 + 64 + 64
+    d = report.to_dict()
+    assert d["params_net"] == d["params_removed"] - d["params_added"]
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("tiny_llama", "layer"),
+        ("tiny_gemma3", "layer"),
+        ("tiny_llama", "swiglu"),
+        ("tiny_qwen2", "swiglu"),
+    ],
+)
+def test_replaced_model_is_the_dense_one_with_the_module_in_place(
+    name: str, kind: str, tmp_path: Path
+) -> None:
+    model = load(name).model
+    dense = skip_reference(model, [2, 3])  # the block's other layers bypassed
+    replace_block(model, 1, 3, kind, tokens(12), loss="lm", **FAST)
+    decoder_stack(dense).layers[1] = decoder_stack(model).layers[1]
+    ids = tokens(2, seq_len=20, seed=5)  # longer than Gemma3's sliding window of 8
+    torch.testing.assert_close(logits(model, ids), logits(dense, ids), atol=1e-6, rtol=0)
+    assert model.config.layerprune["kept_layers"] == [0, 1, 4, 5]
+    if name == "tiny_gemma3":
+        assert model.config.layer_types[1] == "full_attention"
+    assert_round_trip(model, ids, tmp_path)
+
+
+def test_linear_and_lora_round_trip(tmp_path: Path) -> None:
+    model = load("tiny_llama").model
+    replace_linear(model, 2, 2, tokens(6))
+    _, report = lora_heal(model, tokens(12), steps=3, lr=1e-3, **FAST)
+    assert report.steps == 3 and report.heldout_lm_loss_after is not None
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert [s["method"] for s in model.config.layerprune_recovery["steps"]] == [
+        "replace_linear",
+        "lora_heal",
+    ]
+    assert_round_trip(model, tokens(2, seed=5), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma3"])
+def test_ffn_round_trips_through_save_recovered(name: str, tmp_path: Path) -> None:
+    model = load(name).model
+    replace_block(model, 2, 2, "ffn", tokens(12), lr=1e-2, **FAST)
+    ids = tokens(2, seq_len=20, seed=5)
+    expected = logits(model, ids)
+    config = model.config.to_dict()
+    save_recovered(model, tmp_path)
+    torch.testing.assert_close(logits(model, ids), expected, atol=0, rtol=0)  # left as it was
+    assert model.config.to_dict() == config
+    reloaded = load_recovered(tmp_path, dtype=torch.float32)
+    assert reloaded.config.num_hidden_layers == decoder_stack(reloaded).num_layers == 5
+    assert reloaded.config.layerprune == model.config.layerprune
+    torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-6, rtol=0)
+    rest = AutoModelForCausalLM.from_pretrained(tmp_path)  # the block simply removed
+    assert rest.config.num_hidden_layers == 4
+
+
+def test_bad_inputs_name_the_step() -> None:
+    model = load("tiny_llama").model
+    with pytest.raises(
+        LayerpruneError, match=r"recovery 'layer' needs a contiguous block; got layers \[1, 3\]"
+    ):
+        LayerReplacement()(model, [3, 1], tokens(12))
+    assert contiguous_block([4, 2, 3]) == (2, 3)
+    with pytest.raises(LayerpruneError, match="needs at least batch_size=4 training windows"):
+        replace_block(model, 1, 2, "ffn", tokens(4), **FAST)
+    with pytest.raises(
+        LayerpruneError, match="unknown recovery kind 'mlp'; allowed: layer, swiglu, ffn"
+    ):
+        replace_block(model, 1, 2, "mlp", tokens(12), **FAST)
+    with pytest.raises(LayerpruneError, match="unknown recovery loss 'l1'; allowed: mse, lm"):
+        replace_block(model, 1, 2, "layer", tokens(12), loss="l1", **FAST)
+    with pytest.raises(LayerpruneError, match=r"block \[5, 7\) is out of range"):
+        replace_block(model, 5, 2, "layer", tokens(12), **FAST)
+
+
+@pytest.mark.parametrize("loss", ["mse", "lm"])
+def test_diverging_loss_stops_and_leaves_the_model_unchanged(loss: str) -> None:
+    model = load("tiny_llama").model
+    before = weights(model)
+    with pytest.raises(
+        LayerpruneError, match=r"recovery 'layer': the loss became (nan|inf) at step 2 of"
+    ):
+        replace_block(model, 1, 2, "layer", tokens(12), loss=loss, lr=1e30, **FAST)
+    assert_unchanged(model, before, 6)
+    with pytest.raises(
+        LayerpruneError, match=r"recovery 'lora': the loss became (nan|inf) at step \d"
+    ):
+        lora_heal(model, tokens(12), steps=3, lr=1e30, **FAST)
+    assert_unchanged(model, before, 6)
+
+
+@pytest.mark.parametrize("name", ["none", "layer", "swiglu", "ffn", "linear", "lora", "layer_lora"])
+def test_recovery_configs_instantiate_callable_steps(name: str) -> None:
+    cfg = compose_config([f"+recovery={name}"])
+    steps = [instantiate(s, _convert_="all") for s in cfg.recovery.steps]
+    assert all(isinstance(s, (LayerReplacement, LinearReplacement, LoraHealing)) for s in steps)
+    assert [s.prunes for s in steps] == sorted((s.prunes for s in steps), reverse=True)
+    if steps:
+        assert cfg.recovery.train_data.path.endswith("text/wiki.txt")
+    model = load("tiny_llama").model
+    removed, pruned = [2, 3], False
+    for step in steps:  # the caller's protocol: pruning steps get the dense model
+        if not step.prunes and not pruned:
+            remove_layers(model, removed)
+        fast = {} if isinstance(step, LinearReplacement) else {**FAST, "lr": 1e-3}
+        report = dataclasses.replace(step, **fast)(model, removed, tokens(10))
+        assert report.to_dict()["method"]
+        pruned = True
+    if not pruned:
+        remove_layers(model, removed)
+    net = len(removed) - sum(s.layers_added for s in steps)
+    assert model.config.num_hidden_layers == decoder_stack(model).num_layers == 6 - net
