@@ -86,7 +86,9 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2_135m", help="a conf/model config name")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="random-init model of this shape")
     parser.add_argument("--n", type=int, default=32, help="calibration windows")
@@ -116,15 +118,22 @@ def main() -> None:
         results["scoring pass"].append(measure(scoring, device))
 
     name = args.shape or args.model
-    print(f"{name} on {device}: {args.n} windows x {args.seq_len} tokens, batch {args.batch_size}, "
-          f"median of {args.repeats}")
+    print(
+        f"{name} on {device}: {args.n} windows x {args.seq_len} tokens, batch {args.batch_size}, "
+        f"median of {args.repeats}"
+    )
     medians = {}
     for label, runs in results.items():
         t = statistics.median(r[0] for r in runs)
         m = statistics.median(r[1] for r in runs)
         medians[label] = t
-        print(f"  {label:14s} {t:8.2f} s   peak +{m:.2f} GiB   (times: {', '.join(f'{r[0]:.2f}' for r in runs)})")
-    print(f"  ratio scoring / plain forward: {medians['scoring pass'] / medians['plain forward']:.3f}")
+        print(
+            f"  {label:14s} {t:8.2f} s   peak +{m:.2f} GiB   "
+            f"(times: {', '.join(f'{r[0]:.2f}' for r in runs)})"
+        )
+    print(
+        f"  ratio scoring / plain forward: {medians['scoring pass'] / medians['plain forward']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from layerprune.app import CONF_DIR
 from layerprune.models import LoadedModel
 
 TINY_MODELS = ["tiny_llama", "tiny_qwen2", "tiny_gemma3"]
-MIRROR = Path(os.environ.get("LAYERPRUNE_DATA_MIRROR", Path(__file__).parents[1] / ".." / "shared" / "data"))
+MIRROR = Path(
+    os.environ.get("LAYERPRUNE_DATA_MIRROR", Path(__file__).parents[1] / ".." / "shared" / "data")
+)
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -27,7 +29,9 @@ def load(model: str, **overrides: str) -> LoadedModel:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Unit tests never touch the user's cache; converted real models are shared per session."""
     if "LAYERPRUNE_TEST_CACHE" not in os.environ:
         os.environ["LAYERPRUNE_TEST_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")

@@ -67,7 +67,9 @@ def check_pruned_model(
     got = logits(model, ids)
     torch.testing.assert_close(got, expected, atol=atol, rtol=0)  # (a)
 
-    torch.testing.assert_close(incremental_logits(model, ids, ids.shape[1] // 3), got, atol=atol, rtol=0)
+    torch.testing.assert_close(
+        incremental_logits(model, ids, ids.shape[1] // 3), got, atol=atol, rtol=0
+    )
 
     prompt = ids[:, :6]
     generated = model.generate(

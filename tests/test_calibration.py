@@ -33,7 +33,9 @@ def test_windows_are_deterministic_with_bos(tmp_path: Path) -> None:
     # every window body is a consecutive slice of the EOS-joined token stream
     stream = []
     for i in range(40):
-        stream += tok(f'{"abcdefghij" * 5} {i}', add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        stream += tok(f"{'abcdefghij' * 5} {i}", add_special_tokens=False)["input_ids"] + [
+            tok.eos_token_id
+        ]
     starts = {tuple(stream[j : j + 16]) for j in range(0, len(stream) - 15, 16)}
     assert all(tuple(w[1:].tolist()) in starts for w in a)
 
@@ -51,7 +53,9 @@ def test_text_too_short_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_missing_file_and_bad_sizes(tmp_path: Path) -> None:
-    with pytest.raises(LayerpruneError, match="calibration file '/nonexistent.txt' does not exist"):
+    with pytest.raises(
+        LayerpruneError, match=r"calibration file '/nonexistent\.txt' does not exist"
+    ):
         TextFile(path="/nonexistent.txt")
     with pytest.raises(LayerpruneError, match="n >= 1 and seq_len >= 2; got n=0"):
         TextFile(n=0, path=write(tmp_path, "abc"))

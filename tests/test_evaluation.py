@@ -31,7 +31,9 @@ QUESTIONS = [
 def local_task(tmp_path: Path) -> Path:
     """A small multiple-choice task whose data is a local JSON Lines file."""
     data = tmp_path / "tiny_mc.jsonl"
-    rows = [{"question": q, "choices": c, "label": (i % 3)} for i, (q, c, _) in enumerate(QUESTIONS)]
+    rows = [
+        {"question": q, "choices": c, "label": (i % 3)} for i, (q, c, _) in enumerate(QUESTIONS)
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     folder = tmp_path / "tasks"
     folder.mkdir()
@@ -59,8 +61,10 @@ def test_mirror_task_includes_the_builtin_yaml_and_swaps_only_the_data(tmp_path:
     assert cfg["dataset_kwargs"] == {"data_files": {"test": str(test_file)}}
     assert cfg["test_split"] == "test"
     assert cfg["training_split"] is None and cfg["validation_split"] is None  # not mirrored
-    assert set(cfg) == {"include", "task", "dataset_path", "dataset_name", "dataset_kwargs",
-                        "training_split", "validation_split", "test_split", "fewshot_split"}  # fmt: skip
+    splits = {"training_split", "validation_split", "test_split", "fewshot_split"}
+    assert (
+        set(cfg) == {"include", "task", "dataset_path", "dataset_name", "dataset_kwargs"} | splits
+    )
     entry = source.manager.task_index["arc_challenge"]
     assert Path(entry.yaml_path) == generated  # shadows the built-in task
 
@@ -85,7 +89,9 @@ def test_missing_data_is_listed_before_any_model_work(tmp_path: Path) -> None:
 
 
 def test_few_shot_mmlu_needs_the_dev_split_the_mirror_lacks(tmp_path: Path) -> None:
-    with pytest.raises(LayerpruneError, match=r"57 task split\(s\) missing .*num_fewshot=5.*dev\.jsonl"):
+    with pytest.raises(
+        LayerpruneError, match=r"57 task split\(s\) missing .*num_fewshot=5.*dev\.jsonl"
+    ):
         prepare_tasks(["mmlu"], MIRROR, 5, tmp_path)
 
 

@@ -26,9 +26,13 @@ def test_converted_smollm2_equals_the_gguf_model() -> None:
     assert source["check_max_abs_logit_diff"] <= 1e-4
     cfg = compose_config(["model=smollm2_135m"]).model
     gguf = _package_file(cfg.parts[0], list(cfg.pip), cfg.name)
-    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    direct = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     ids = torch.tensor([loaded.tokenizer(CONVERSION_CHECK_TEXT + " the model").input_ids])
-    torch.testing.assert_close(logits(loaded.model, ids), logits(direct.eval(), ids), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        logits(loaded.model, ids), logits(direct.eval(), ids), atol=1e-4, rtol=0
+    )
     assert loaded.model.config.num_hidden_layers == 30
 
 
@@ -40,7 +44,9 @@ def test_converted_smollm2_equals_the_gguf_model() -> None:
         ("gemma3_270m", [4, 5, 9], 600),
     ],
 )
-def test_pruned_real_model_is_correct(name: str, removed: list[int], seq: int, tmp_path: Path) -> None:
+def test_pruned_real_model_is_correct(
+    name: str, removed: list[int], seq: int, tmp_path: Path
+) -> None:
     loaded = load(name, device="cpu")
     if name == "gemma3_270m":
         assert loaded.model.config.layer_types[5] == "full_attention"
@@ -49,3 +55,30 @@ def test_pruned_real_model_is_correct(name: str, removed: list[int], seq: int, t
     ids = loaded.tokenizer(text, return_tensors="pt").input_ids[:, :seq]
     assert ids.shape[1] == seq
     check_pruned_model(loaded.model, removed, ids, tmp_path, atol=2e-3)
+
+
+def test_smollm2_dense_metrics_equal_lm_eval_run_directly(tmp_path: Path) -> None:
+    """layerprune's in-memory evaluation against lm-eval loading the same weights itself."""
+    import lm_eval
+
+    from layerprune.evaluation import EvalSuite, evaluate, prepare
+
+    loaded = load("smollm2_135m", device="cpu")
+    (folder,) = (cache_root() / "models").glob("smollm2_135m-*")
+    suite = EvalSuite(tasks=["piqa", "arc_easy", "hellaswag"], limit=20, batch_size=8)
+    mirror = compose_config([]).data.mirror
+    source = prepare(suite, mirror, tmp_path)
+    ours = evaluate(loaded, suite, source)
+    direct = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(folder), "dtype": "float32", "device": "cpu"},
+        tasks=list(suite.tasks),
+        limit=20,
+        batch_size=8,
+        task_manager=source.manager,
+        bootstrap_iters=0,
+    )
+    assert direct is not None
+    for task in suite.tasks:
+        for metric in ("acc", "acc_norm"):
+            assert ours.metrics[task][metric] == direct["results"][task][f"{metric},none"]

@@ -8,6 +8,7 @@ import torch
 from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from layerprune.app import Recovery, build
 from layerprune.calibration import TextFile
 from layerprune.errors import LayerpruneError
 from layerprune.layers import decoder_stack
@@ -25,13 +26,22 @@ from layerprune.recovery import (
     stream_block,
 )
 from layerprune.recovery.linear import fit_linear
-from layerprune.surgery import remove_layers
 
 from .conftest import MIRROR, compose_config, load
 from .surgery_checks import logits, skip_reference
 from .test_scoring import naive_states
 
 FAST = {"batch_size": 4, "progress": False}
+
+
+@dataclasses.dataclass
+class TinyWindows:
+    """Stands in for a calibration source: fixed token windows."""
+
+    ids: torch.Tensor
+
+    def windows(self, tokenizer: object) -> torch.Tensor:
+        return self.ids
 
 
 def tokens(n: int, seq_len: int = 24, seed: int = 0) -> torch.Tensor:
@@ -229,22 +239,23 @@ def test_diverging_loss_stops_and_leaves_the_model_unchanged(loss: str) -> None:
 
 @pytest.mark.parametrize("name", ["none", "layer", "swiglu", "ffn", "linear", "lora", "layer_lora"])
 def test_recovery_configs_instantiate_callable_steps(name: str) -> None:
-    cfg = compose_config([f"+recovery={name}"])
-    steps = [instantiate(s, _convert_="all") for s in cfg.recovery.steps]
+    cfg = compose_config([f"recovery={name}", "recovery.train_data=null"])
+    recovery = Recovery(**build(cfg.recovery))
+    steps = recovery.steps
     assert all(isinstance(s, (LayerReplacement, LinearReplacement, LoraHealing)) for s in steps)
     assert [s.prunes for s in steps] == sorted((s.prunes for s in steps), reverse=True)
     if steps:
-        assert cfg.recovery.train_data.path.endswith("text/wiki.txt")
-    model = load("tiny_llama").model
-    removed, pruned = [2, 3], False
-    for step in steps:  # the caller's protocol: pruning steps get the dense model
-        if not step.prunes and not pruned:
-            remove_layers(model, removed)
-        fast = {} if isinstance(step, LinearReplacement) else {**FAST, "lr": 1e-3}
-        report = dataclasses.replace(step, **fast)(model, removed, tokens(10))
-        assert report.to_dict()["method"]
-        pruned = True
-    if not pruned:
-        remove_layers(model, removed)
+        path = compose_config([f"recovery={name}"]).recovery.train_data.path
+        assert path.endswith("text/wiki.txt")
+    loaded = load("tiny_llama")
+    recovery.steps = [
+        s if isinstance(s, LinearReplacement) else dataclasses.replace(s, **FAST, lr=1e-3)
+        for s in steps
+    ]
+    recovery.train_data = TinyWindows(tokens(10))
+    removed = [2, 3]
+    reports = recovery.apply(loaded, removed)
+    assert len(reports) == len(steps) and all(r["method"] for r in reports)
+    model = loaded.model
     net = len(removed) - sum(s.layers_added for s in steps)
     assert model.config.num_hidden_layers == decoder_stack(model).num_layers == 6 - net

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from wandb.proto import wandb_internal_pb2
 
-from layerprune.errors import LayerpruneError
 from layerprune.app import run
+from layerprune.errors import LayerpruneError
 
 from .conftest import compose_config
 from .test_evaluation import local_task
@@ -47,7 +47,9 @@ def test_run_records_dense_and_pruned_metrics_and_reuses_the_dense_cache(
     assert ev["rp"] == pytest.approx(row["pruned"] / row["dense"])
     assert 0 <= row["stability"] <= 1 and 0 <= row["agreement"] <= 1
     assert ev["perplexity"]["dense"]["n_tokens"] == ev["perplexity"]["pruned"]["n_tokens"] > 0
-    assert {"load", "score", "eval_dense", "prune", "eval_pruned", "total"} <= set(saved["timings"])
+    assert {"load", "score", "eval_dense", "prune_recover", "eval_pruned", "total"} <= set(
+        saved["timings"]
+    )
     assert (tmp_path / "a" / "samples" / "pruned" / "tiny_mc.jsonl.gz").is_file()
 
     second = run(compose_config(overrides), tmp_path / "b")
@@ -65,7 +67,12 @@ def test_run_records_dense_and_pruned_metrics_and_reuses_the_dense_cache(
 
 def test_a_bad_task_fails_before_the_model_is_loaded(tmp_path: Path) -> None:
     cfg = compose_config(
-        [*eval_overrides(tmp_path), "model=local", "model.path=/no/model", "eval.tasks=[piqa,nosuch]"]
+        [
+            *eval_overrides(tmp_path),
+            "model=local",
+            "model.path=/no/model",
+            "eval.tasks=[piqa,nosuch]",
+        ]
     )
     with pytest.raises(LayerpruneError, match="unknown lm-eval task 'nosuch'"):
         run(cfg, tmp_path / "run")

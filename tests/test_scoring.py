@@ -30,9 +30,9 @@ def naive_states(model, windows: torch.Tensor, post_norm_last: bool) -> list[tor
     if not post_norm_last:
         stack = decoder_stack(model)
         norm = stack.norm
-        setattr(stack.base, "norm", nn.Identity())
+        stack.base.norm = nn.Identity()
         states[-1] = model(input_ids=windows, output_hidden_states=True).hidden_states[-1].double()
-        setattr(stack.base, "norm", norm)
+        stack.base.norm = norm
     return states
 
 
@@ -40,14 +40,18 @@ def naive_stats(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     size = len(states)
     cos = torch.zeros(size, size, dtype=torch.float64)
     ang = torch.zeros(size, size, dtype=torch.float64)
-    n_windows, seq, _ = states[0].shape
+    n_windows = states[0].shape[0]
     for a in range(size):
         for b in range(size):
             c = torch.cosine_similarity(states[a], states[b], dim=-1)  # (N, T)
             cos[a, b] = c.mean()
-            ang[a, b] = sum(
-                math.acos(max(-1.0, min(1.0, float(c[w, -1])))) / math.pi for w in range(n_windows)
-            ) / n_windows
+            ang[a, b] = (
+                sum(
+                    math.acos(max(-1.0, min(1.0, float(c[w, -1])))) / math.pi
+                    for w in range(n_windows)
+                )
+                / n_windows
+            )
     return cos, ang
 
 
@@ -62,7 +66,9 @@ def test_one_pass_statistics_equal_naive_reference(name: str, convention: str) -
     torch.testing.assert_close(stats.angular, ang, atol=1e-4, rtol=0)
     assert (stats.n_tokens, stats.n_windows) == (100, 5)
     bi = [1 - float(cos[i, i + 1]) for i in range(stats.num_layers)]
-    torch.testing.assert_close(stats.block_influence(), torch.tensor(bi, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        stats.block_influence(), torch.tensor(bi, dtype=torch.float64), atol=1e-5, rtol=0
+    )
 
 
 def test_residual_and_hf_conventions_differ_only_in_the_last_state() -> None:
@@ -94,7 +100,9 @@ def toy_stats() -> LayerStats:
 
 def test_scorers_on_a_hand_computed_example() -> None:
     stats = toy_stats()
-    torch.testing.assert_close(stats.block_influence(), torch.tensor([0.4, 0.05, 0.1, 0.3], dtype=torch.float64))
+    torch.testing.assert_close(
+        stats.block_influence(), torch.tensor([0.4, 0.05, 0.1, 0.3], dtype=torch.float64)
+    )
     # Streamline, n=2: similarities (1 + cos) / 2 of blocks [0,1], [1,2], [2,3]
     torch.testing.assert_close(
         Streamline.similarity(stats, 2), torch.tensor([0.775, 0.925, 0.8], dtype=torch.float64)
@@ -108,15 +116,23 @@ def test_scorers_on_a_hand_computed_example() -> None:
 
 def test_random_scorer_is_seeded() -> None:
     stats = toy_stats()
-    assert torch.equal(Random(seed=3).layer_importance(stats), Random(seed=3).layer_importance(stats))
-    assert not torch.equal(Random(seed=3).layer_importance(stats), Random(seed=4).layer_importance(stats))
+    assert torch.equal(
+        Random(seed=3).layer_importance(stats), Random(seed=3).layer_importance(stats)
+    )
+    assert not torch.equal(
+        Random(seed=3).layer_importance(stats), Random(seed=4).layer_importance(stats)
+    )
 
 
 def test_bad_selection_and_convention() -> None:
-    with pytest.raises(LayerpruneError, match="unknown selection 'blocky'; allowed: independent, contiguous"):
+    with pytest.raises(
+        LayerpruneError, match="unknown selection 'blocky'; allowed: independent, contiguous"
+    ):
         BlockInfluence(selection="blocky")  # type: ignore[arg-type]
     with pytest.raises(LayerpruneError, match="unknown convention 'post'"):
-        collect_layer_stats(load("tiny_llama").model, torch.zeros(1, 4, dtype=torch.long), convention="post")  # type: ignore[arg-type]
+        collect_layer_stats(
+            load("tiny_llama").model, torch.zeros(1, 4, dtype=torch.long), convention="post"
+        )  # type: ignore[arg-type]
 
 
 def test_stats_round_trip_through_json() -> None:

@@ -30,7 +30,9 @@ def test_contiguous_removes_the_most_similar_block() -> None:
 
 
 def test_block_influence_can_select_a_block() -> None:
-    plan = make_plan(BlockInfluence("contiguous"), toy_stats(), Sparsity(3, "layers"), LAYER_PARAMS, TOTAL)
+    plan = make_plan(
+        BlockInfluence("contiguous"), toy_stats(), Sparsity(3, "layers"), LAYER_PARAMS, TOTAL
+    )
     # 1 - cos over 3 layers: start 0 -> 0.55, start 1 -> 0.45
     assert plan.removed_layers == [1, 2, 3]
 
@@ -63,7 +65,11 @@ def test_last_keeps_the_final_layer() -> None:
         (-0.1, "layer_ratio", "sparsity must be > 0"),
         (1.0, "layer_ratio", "must be in \\(0, 1\\)"),
         (2.5, "layers", "whole number"),
-        (0.2, "percent", "unknown sparsity unit 'percent'; allowed: layers, layer_ratio, param_ratio"),
+        (
+            0.2,
+            "percent",
+            "unknown sparsity unit 'percent'; allowed: layers, layer_ratio, param_ratio",
+        ),
     ],
 )
 def test_bad_sparsity(amount: float, unit: str, message: str) -> None:
@@ -73,7 +79,10 @@ def test_bad_sparsity(amount: float, unit: str, message: str) -> None:
 
 @pytest.mark.parametrize(
     ("sparsity", "message"),
-    [(Sparsity(4, "layers"), "removes 4 of 4 layers"), (Sparsity(0.1, "layer_ratio"), "removes no layer")],
+    [
+        (Sparsity(4, "layers"), "removes 4 of 4 layers"),
+        (Sparsity(0.1, "layer_ratio"), "removes no layer"),
+    ],
 )
 def test_sparsity_that_removes_all_or_nothing(sparsity: Sparsity, message: str) -> None:
     with pytest.raises(LayerpruneError, match=message):
@@ -82,7 +91,9 @@ def test_sparsity_that_removes_all_or_nothing(sparsity: Sparsity, message: str) 
 
 def test_a_replacement_layer_grows_the_block_so_the_net_removal_meets_the_target() -> None:
     # 0.2 of 100 params = 2 layers of 10 net; one layer comes back, so the block is 3 layers
-    plan = make_plan(Streamline(), toy_stats(), Sparsity(0.2, "param_ratio"), LAYER_PARAMS, TOTAL, 1)
+    plan = make_plan(
+        Streamline(), toy_stats(), Sparsity(0.2, "param_ratio"), LAYER_PARAMS, TOTAL, 1
+    )
     assert plan.removed_layers == [1, 2, 3] and plan.layers_added == 1
     d = plan.to_dict()
     assert d["num_layers_after"] == 2 and d["removed_layer_ratio"] == pytest.approx(0.5)

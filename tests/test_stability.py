@@ -47,6 +47,9 @@ def sample(
 #   = [2.718282, 1, 7.389056] / 11.107338 = [0.244728, 0.090031, 0.665241]
 W = [math.e / (1 + math.e + math.e**2), 1 / (1 + math.e + math.e**2)]
 W.append(math.e**2 / (1 + math.e + math.e**2))
+# legacy weights use the per-token NLL ln(PPL) (OpenCompass's "PPL"): stds ln(3)/2, 0, ln(5)/2,
+# so softmax = [sqrt 3, 1, sqrt 5] / (1 + sqrt 3 + sqrt 5) = [0.348633, 0.201284, 0.450083]
+WL = [x / (1 + math.sqrt(3) + math.sqrt(5)) for x in (math.sqrt(3), 1, math.sqrt(5))]
 
 # acc picks: doc 3 dense right / pruned wrong (m=0), doc 7 dense right / pruned wrong (m=0),
 # doc 10 both wrong with different options (m=1, yet they disagree).
@@ -66,19 +69,21 @@ PRUNED = [
 
 def test_weights_by_hand() -> None:
     assert pytest.approx([0.244728, 0.090031, 0.665241], abs=1e-6) == W
+    assert pytest.approx([0.348633, 0.201284, 0.450083], abs=1e-6) == WL
 
 
 def test_stability_acc_where_legacy_differs() -> None:
-    # m = [0, 0, 1]: correct = w[10] = 0.665241; legacy sums the first sum(m) = 1 weight, w[3]
+    # m = [0, 0, 1]: correct = w[10] = 0.665241; legacy sums the first sum(m) = 1 weight, wl[3]
     assert stability(DENSE, PRUNED) == pytest.approx(W[2], abs=1e-12)
-    assert stability(DENSE, PRUNED, legacy=True) == pytest.approx(W[0], abs=1e-12)
+    assert stability(DENSE, PRUNED, legacy=True) == pytest.approx(WL[0], abs=1e-12)
     assert agreement(DENSE, PRUNED) == 0.0
 
 
 def test_stability_norm_where_legacy_agrees() -> None:
-    # m = [1, 1, 0]: the matching docs are the leading ones, so both sum w[3] + w[7] = 0.334759
+    # m = [1, 1, 0]: the matching docs are the leading ones, so both sum the weights of docs
+    # 3 and 7: w = 0.334759, and with the legacy NLL weights 0.549917
     assert stability(DENSE, PRUNED, norm=True) == pytest.approx(W[0] + W[1], abs=1e-12)
-    assert stability(DENSE, PRUNED, norm=True, legacy=True) == pytest.approx(0.334759, abs=1e-6)
+    assert stability(DENSE, PRUNED, norm=True, legacy=True) == pytest.approx(0.549917, abs=1e-6)
     assert agreement(DENSE, PRUNED, norm=True) == pytest.approx(2 / 3)
 
 
@@ -98,7 +103,8 @@ def naive_stability(dense: list[Sample], pruned: list[Sample], norm: bool, legac
     p = {s.doc_id: s for s in pruned}
     spreads = []
     for s in d:
-        ppl = [math.exp(-ll / t) for ll, t in zip(s.loglikelihoods, s.tokens, strict=True)]
+        nll = [-ll / t for ll, t in zip(s.loglikelihoods, s.tokens, strict=True)]
+        ppl = nll if legacy else [math.exp(x) for x in nll]
         mean = sum(ppl) / len(ppl)
         spreads.append(math.sqrt(sum((x - mean) ** 2 for x in ppl) / len(ppl)))
     top = max(spreads)
@@ -132,7 +138,7 @@ def test_random_cases_match_the_naive_loop(seed: int) -> None:
 def test_task_summary_and_mean_over_tasks() -> None:
     one = task_stability(DENSE, PRUNED)
     assert one == pytest.approx(
-        {"agreement": 0.0, "stability": W[2], "stability_legacy": W[0], "n": 3}
+        {"agreement": 0.0, "stability": W[2], "stability_legacy": WL[0], "n": 3}
     )
     two = task_stability(DENSE, DENSE)
     # plain mean over tasks, not weighted by doc count; n adds up
@@ -140,7 +146,7 @@ def test_task_summary_and_mean_over_tasks() -> None:
         {
             "agreement": 0.5,
             "stability": (W[2] + 1) / 2,
-            "stability_legacy": (W[0] + 1) / 2,
+            "stability_legacy": (WL[0] + 1) / 2,
             "n": 6,
         }
     )

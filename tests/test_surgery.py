@@ -40,7 +40,7 @@ def test_stale_layer_types_give_wrong_logits() -> None:
     ids = sample_ids(model.config.vocab_size)
     expected = logits(skip_reference(model, [1]), ids)
     remove_layers(model, [1])
-    model.config.layer_types = model.config.layer_types[1:] + ["full_attention"]  # stale
+    model.config.layer_types = [*model.config.layer_types[1:], "full_attention"]  # stale
     assert not torch.allclose(logits(model, ids), expected, atol=1e-3)
 
 
@@ -56,7 +56,7 @@ def test_repeated_pruning_records_original_indices() -> None:
 def test_bad_removals_are_rejected(removed: list[int]) -> None:
     model = load("tiny_llama").model
     before = copy.deepcopy(model.config.to_dict())
-    with pytest.raises(LayerpruneError, match="out of range|cannot remove all"):
+    with pytest.raises(LayerpruneError, match=r"out of range|cannot remove all"):
         remove_layers(model, removed)
     assert model.config.to_dict() == before
 

@@ -23,8 +23,8 @@ import hydra
 import torch
 import transformers
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,10 +32,18 @@ import layerprune
 from layerprune.cache import JsonCache, digest
 from layerprune.calibration import Calibration
 from layerprune.errors import LayerpruneError
-from layerprune.evaluation import LM_EVAL_VERSION, EvalSuite, Evaluation, compare, evaluate, prepare, table
+from layerprune.evaluation import (
+    LM_EVAL_VERSION,
+    EvalSuite,
+    Evaluation,
+    compare,
+    evaluate,
+    prepare,
+    table,
+)
 from layerprune.files import cache_root, commit_dir, read_json, write_json
-from layerprune.mirror import TaskSource
 from layerprune.layers import layer_param_counts, param_count
+from layerprune.mirror import TaskSource
 from layerprune.models import LoadedModel
 from layerprune.plots import plot_importance
 from layerprune.recovery import save_recovered
@@ -103,7 +111,9 @@ def layer_stats(
     return LayerStats.from_dict(payload), hit
 
 
-def scores_record(loaded: LoadedModel, cal: Calibration, stats: LayerStats, k: int) -> dict[str, Any]:
+def scores_record(
+    loaded: LoadedModel, cal: Calibration, stats: LayerStats, k: int
+) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "layerprune.scores",
@@ -142,7 +152,8 @@ def summary(loaded: LoadedModel, plan: Plan, hit: bool, out: Path) -> str:
     return "\n".join(
         [
             f"model      {loaded.name}: {plan.num_layers} -> {d['num_layers_after']} layers",
-            f"scorer     {plan.scorer} ({plan.selection}), scores {'from cache' if hit else 'computed'}",
+            f"scorer     {plan.scorer} ({plan.selection}), "
+            f"scores {'from cache' if hit else 'computed'}",
             f"removed    {plan.removed_layers}",
             f"params     {plan.params_before:,} -> {plan.params_after:,} "
             f"(-{d['removed_param_ratio']:.1%} params, -{d['removed_layer_ratio']:.1%} layers)",
@@ -281,7 +292,9 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     recovery = Recovery(**build(cfg.recovery))
     recovery.check(scorer)
     suite: EvalSuite | None = build(cfg.eval) if cfg.get("eval") else None
-    source = prepare(suite, cfg.data.mirror, cache_root(cfg.paths.cache) / "tasks") if suite else None
+    source = (
+        prepare(suite, cfg.data.mirror, cache_root(cfg.paths.cache) / "tasks") if suite else None
+    )
     with timer.stage("load"):
         loaded: LoadedModel = build(cfg.model)
     with timer.stage("score"):
@@ -314,7 +327,9 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     }
     write_json(out / "plan.json", record)
     title = f"{loaded.name}: {stats.n_windows} windows x {stats.n_tokens // stats.n_windows} tokens"
-    plot_importance(stats, out / "importance.png", title, len(plan.removed_layers), plan.removed_layers)
+    plot_importance(
+        stats, out / "importance.png", title, len(plan.removed_layers), plan.removed_layers
+    )
     print(summary(loaded, plan, hit, out))
     record = {**record, "kind": "layerprune.run", "config_hash": key, "scores_from_cache": hit,
               "recovery": recovery_reports}  # fmt: skip

@@ -77,7 +77,8 @@ class Calibration(ABC):
         if available < self.n:
             raise LayerpruneError(
                 f"calibration text {self.describe()} gives {len(stream)} tokens = {available} "
-                f"windows of {self.seq_len}; need n={self.n} (use a longer text or smaller n/seq_len)"
+                f"windows of {self.seq_len}; need n={self.n} "
+                "(use a longer text or smaller n/seq_len)"
             )
         chunks = torch.tensor(stream[: available * body]).view(available, body)
         gen = torch.Generator().manual_seed(self.seed)

@@ -21,7 +21,7 @@ from lm_eval.api.task import Task
 from lm_eval.models.huggingface import HFLM
 
 from layerprune.errors import LayerpruneError
-from layerprune.mirror import LeafTask, TaskSource, prepare_tasks
+from layerprune.mirror import TaskSource, prepare_tasks
 from layerprune.models import LoadedModel
 from layerprune.perplexity import perplexity_of_file
 from layerprune.stability import Sample, average_over_tasks, task_stability
@@ -61,7 +61,9 @@ class EvalSuite:
         if not self.tasks:
             raise LayerpruneError("eval.tasks is empty; name at least one lm-eval task")
         if self.limit is not None and self.limit <= 0:
-            raise LayerpruneError(f"eval.limit must be > 0 or null (all documents); got {self.limit}")
+            raise LayerpruneError(
+                f"eval.limit must be > 0 or null (all documents); got {self.limit}"
+            )
         if self.limit is not None and self.samples:
             raise LayerpruneError("eval.limit and eval.samples exclude each other; set one")
         if self.num_fewshot < 0:
@@ -112,7 +114,12 @@ def to_samples(hflm: HFLM, task: Task, logged: list[dict[str, Any]]) -> list[Sam
         chars = [len(choice) for choice in task.doc_to_choice(doc)]  # lm-eval's acc_norm length
         samples.append(
             Sample.from_scores(
-                int(row["doc_id"]), lls, tokens, chars, gold_index(task, doc), str(row["prompt_hash"])
+                int(row["doc_id"]),
+                lls,
+                tokens,
+                chars,
+                gold_index(task, doc),
+                str(row["prompt_hash"]),
             )
         )
     return samples
@@ -205,12 +212,12 @@ def prepare(suite: EvalSuite, mirror: str | Path | None, work_dir: Path) -> Task
     """Check tasks, the mirror and the perplexity text before any model is loaded."""
     if suite.perplexity is not None and not Path(suite.perplexity.path).is_file():
         raise LayerpruneError(f"perplexity text '{suite.perplexity.path}' does not exist")
-    return prepare_tasks(
-        list(suite.tasks), mirror, suite.num_fewshot, work_dir, suite.include_path
-    )
+    return prepare_tasks(list(suite.tasks), mirror, suite.num_fewshot, work_dir, suite.include_path)
 
 
-def headline(suite: EvalSuite, task: str, metrics: dict[str, dict[str, float]]) -> tuple[str, float]:
+def headline(
+    suite: EvalSuite, task: str, metrics: dict[str, dict[str, float]]
+) -> tuple[str, float]:
     """The task's headline metric, falling back to acc where the task has no such metric."""
     metric = suite.headline_metric(task)
     values = metrics.get(task, {})

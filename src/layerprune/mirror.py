@@ -77,7 +77,9 @@ def leaf_tasks(manager: TaskManager, names: list[str]) -> dict[str, list[LeafTas
             return [leaf for sub in sorted(entry.tags) for leaf in visit(sub)]
         if kind == "GROUP":
             items = (entry.cfg or {}).get("task", [])
-            return [leaf for it in items for leaf in visit(it if isinstance(it, str) else it["task"])]
+            return [
+                leaf for it in items for leaf in visit(it if isinstance(it, str) else it["task"])
+            ]
         if name not in seen:
             cfg = entry.cfg or {}
             if entry.yaml_path is None or "dataset_path" not in cfg:
@@ -197,7 +199,9 @@ def prepare_tasks(
     leaves = list({leaf.name: leaf for leaf in remote}.values())
     missing = missing_from_mirror(leaves, root, num_fewshot)
     if missing:
-        shown = "; ".join(missing[:10]) + (f"; and {len(missing) - 10} more" if len(missing) > 10 else "")
+        shown = "; ".join(missing[:10]) + (
+            f"; and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
         raise LayerpruneError(
             f"{len(missing)} task split(s) missing from the data mirror '{root}' "
             f"(num_fewshot={num_fewshot}): {shown}"

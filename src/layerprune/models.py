@@ -1,4 +1,4 @@
-"""Loading models: hub ids and local folders, GGUF files shipped in PyPI packages, tiny random inits.
+"""Loading models: hub ids, local folders, GGUF files shipped in PyPI packages, tiny random inits.
 
 Every loader returns a :class:`LoadedModel` whose ``fingerprint`` identifies the weights, so
 that caches (layer scores, dense evaluations) can be keyed by it.

@@ -7,10 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from layerprune.files import atomic_write  # noqa: E402
-from layerprune.scoring import LayerStats, Streamline  # noqa: E402
+from layerprune.files import atomic_write
+from layerprune.scoring import LayerStats, Streamline
 
 
 def plot_importance(
@@ -21,7 +21,9 @@ def plot_importance(
     layers = range(stats.num_layers)
     ax1.plot(layers, stats.block_influence(), marker="o", label="block influence (ShortGPT)")
     ax1.plot(layers, stats.block_angular(1), marker="s", label="angular distance, n=1 (Gromov)")
-    ax1.plot(layers, 1 - Streamline.similarity(stats, 1), marker="^", label="1 - Streamline sim, n=1")
+    ax1.plot(
+        layers, 1 - Streamline.similarity(stats, 1), marker="^", label="1 - Streamline sim, n=1"
+    )
     for i in removed:
         ax1.axvspan(i - 0.5, i + 0.5, color="grey", alpha=0.15, lw=0)
     ax1.set(xlabel="layer", ylabel="importance (low = prune)", title="per-layer importance")

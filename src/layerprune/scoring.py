@@ -85,10 +85,14 @@ def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
 
 
 @contextmanager
-def capture_residuals(model: PreTrainedModel, convention: Convention) -> Iterator[list[torch.Tensor]]:
+def capture_residuals(
+    model: PreTrainedModel, convention: Convention
+) -> Iterator[list[torch.Tensor]]:
     """Yield a list that each forward fills with the L+1 residual states (in order)."""
     if convention not in CONVENTIONS:
-        raise LayerpruneError(f"unknown convention '{convention}'; allowed: {', '.join(CONVENTIONS)}")
+        raise LayerpruneError(
+            f"unknown convention '{convention}'; allowed: {', '.join(CONVENTIONS)}"
+        )
     stack = decoder_stack(model)
     states: list[torch.Tensor] = []
 

@@ -25,7 +25,9 @@ class Sparsity:
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
-            raise LayerpruneError(f"unknown sparsity unit '{self.unit}'; allowed: {', '.join(UNITS)}")
+            raise LayerpruneError(
+                f"unknown sparsity unit '{self.unit}'; allowed: {', '.join(UNITS)}"
+            )
         if not self.amount > 0:
             raise LayerpruneError(f"sparsity must be > 0; got {self.amount}")
         if self.unit == "layers" and self.amount != int(self.amount):
@@ -48,7 +50,8 @@ class Sparsity:
             raise LayerpruneError(f"sparsity {self.amount} ({self.unit}) removes no layer of {num}")
         if k >= num:
             raise LayerpruneError(
-                f"sparsity {self.amount} ({self.unit}) removes {k} of {num} layers; keep at least one"
+                f"sparsity {self.amount} ({self.unit}) removes {k} of {num} layers; "
+                "keep at least one"
             )
         return k
 
@@ -111,8 +114,8 @@ def make_plan(
     k = sparsity.num_layers_to_remove(layer_params, total_params) + layers_added
     if k >= num:
         raise LayerpruneError(
-            f"sparsity {sparsity.amount} ({sparsity.unit}) with {layers_added} replacement layer(s) "
-            f"needs a block of {k} of {num} layers; keep at least one"
+            f"sparsity {sparsity.amount} ({sparsity.unit}) with {layers_added} replacement "
+            f"layer(s) needs a block of {k} of {num} layers; keep at least one"
         )
     removed, importance = select_layers(scorer, stats, k)
     block = {"start": removed[0], "size": k} if scorer.selection == "contiguous" else None

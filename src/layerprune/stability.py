@@ -130,22 +130,31 @@ def _paired(dense: Sequence[Sample], pruned: Sequence[Sample]) -> list[tuple[Sam
     return pairs
 
 
+def _weights(pairs: list[tuple[Sample, Sample]], legacy: bool) -> np.ndarray:
+    """softmax over docs of the std over options of the dense model's per-token PPL.
+
+    ``legacy`` takes the per-token NLL instead of its exp: OpenCompass, whose outputs the
+    authors' script reads, stores the mean token loss under the name "PPL".
+    """
+    nll = [-np.asarray(a.loglikelihoods, np.float64) / np.asarray(a.tokens) for a, _ in pairs]
+    spread = np.array([np.std(x if legacy else np.exp(x)) for x in nll])
+    w = np.exp(spread - spread.max())
+    return w / w.sum()
+
+
 def _compare(
     dense: Sequence[Sample], pruned: Sequence[Sample], norm: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per doc, in doc_id order: softmax weight, both right or both wrong, same answer."""
+) -> tuple[list[tuple[Sample, Sample]], np.ndarray, np.ndarray]:
+    """Per doc, in doc_id order: the pair, both right or both wrong, same answer."""
     pairs = _paired(dense, pruned)
-    spread = np.array(
-        [
-            np.std(np.exp(-np.asarray(a.loglikelihoods, np.float64) / np.asarray(a.tokens)))
-            for a, _ in pairs
-        ]
-    )
-    w = np.exp(spread - spread.max())
-    w /= w.sum()
     matches = np.array([(a.pred(norm) == a.gold) == (b.pred(norm) == b.gold) for a, b in pairs])
     same = np.array([a.pred(norm) == b.pred(norm) for a, b in pairs])
-    return w, matches, same
+    return pairs, matches, same
+
+
+def _stability(pairs: list[tuple[Sample, Sample]], m: np.ndarray, legacy: bool) -> float:
+    w = _weights(pairs, legacy)
+    return float(w[: int(m.sum())].sum() if legacy else w[m].sum())
 
 
 def agreement(dense: Sequence[Sample], pruned: Sequence[Sample], norm: bool = False) -> float:
@@ -163,23 +172,25 @@ def stability(
     authors' script), w = softmax_i(s_i), and m_i = 1 when both models are right or both wrong
     (acc_norm's picks if ``norm``). The result is sum_i w_i m_i, docs in doc_id order.
 
-    ``legacy`` reproduces the authors' released script, which instead sums the first
-    sum_i m_i weights in doc order, whichever docs matched; it differs whenever the matching
-    docs are not the leading ones, and is kept only to compare with published numbers.
+    ``legacy`` reproduces the authors' released script on OpenCompass outputs: it sums the
+    first sum_i m_i weights in doc order, whichever docs matched, and its weights come from
+    the per-token NLL that OpenCompass stores as "PPL" rather than from exp of it. It is kept
+    only to compare with published numbers. (With exp, a few docs whose options the model
+    finds very unlikely take nearly all the weight on small models.)
     """
-    w, m, _ = _compare(dense, pruned, norm)
-    return float(w[: int(m.sum())].sum() if legacy else w[m].sum())
+    pairs, m, _ = _compare(dense, pruned, norm)
+    return _stability(pairs, m, legacy)
 
 
 def task_stability(
     dense: Sequence[Sample], pruned: Sequence[Sample], norm: bool = False
 ) -> dict[str, float | int]:
     """Every comparison for one task: agreement, stability (correct and legacy), doc count."""
-    w, m, same = _compare(dense, pruned, norm)
+    pairs, m, same = _compare(dense, pruned, norm)
     return {
         "agreement": float(same.mean()),
-        "stability": float(w[m].sum()),
-        "stability_legacy": float(w[: int(m.sum())].sum()),
+        "stability": _stability(pairs, m, legacy=False),
+        "stability_legacy": _stability(pairs, m, legacy=True),
         "n": len(m),
     }
 

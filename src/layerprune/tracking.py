@@ -71,8 +71,8 @@ class WandbTracker:
                 run.log({"scores/importance": wandb.Image(str(plot))})
             logged = {k: record[k] for k in ("plan", "eval", "timings") if k in record}
             if "eval" in logged:  # per-task rows keyed by task name: eval/tasks/piqa/stability
-                logged["eval"] = {**logged["eval"],
-                                  "tasks": {r["task"]: r for r in logged["eval"]["tasks"]}}  # fmt: skip
+                rows = {r["task"]: r for r in logged["eval"]["tasks"]}
+                logged["eval"] = {**logged["eval"], "tasks": rows}
             summary = flatten("", logged, {})
             run.summary.update(summary)
             run.log(summary)
