@@ -237,7 +237,9 @@ class Recovery:
 
     def apply(self, loaded: LoadedModel, removed: list[int]) -> list[dict[str, Any]]:
         """Prune (a replacing step prunes the dense model itself) and recover."""
-        windows = self.train_data.windows(loaded.tokenizer) if self.train_data else None
+        windows = None
+        if self.steps and self.train_data is not None:
+            windows = self.train_data.windows(loaded.tokenizer)
         reports, pruned = [], False
         for step in self.steps:
             if not step.prunes and not pruned:

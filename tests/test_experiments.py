@@ -1,0 +1,123 @@
+"""Method presets, launchers, and sweeps that survive being killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from layerprune.app import CONF_DIR, build
+from layerprune.report import finished, load_runs
+
+from .conftest import compose_config
+
+# preset: scorer, selection, recovery steps as (target, kind)
+PRESETS = {
+    "shortgpt": ("block_influence", "independent", []),
+    "streamline_layer": ("streamline", "contiguous", [("LayerReplacement", "layer")]),
+    "streamline_ffn": ("streamline", "contiguous", [("LayerReplacement", "ffn")]),
+    "gromov": ("angular", "contiguous", [("LoraHealing", None)]),
+    "replaceme": ("streamline", "contiguous", [("LinearReplacement", None)]),
+    "random": ("random", "independent", []),
+    "last": ("last", "contiguous", []),
+}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_sets_its_papers_method(name: str) -> None:
+    cfg = compose_config([f"experiment={name}", "recovery.train_data.n=8"])  # as the sweeps allow
+    scorer = build(cfg.scorer)
+    steps = [(s._target_.rsplit(".", 1)[-1], s.get("kind")) for s in cfg.recovery.steps]
+    assert (scorer.name, scorer.selection, steps) == PRESETS[name]
+    assert (cfg.method, cfg.recovery.train_data.n) == (name, 8)
+    assert all(s.loss == "mse" for s in cfg.recovery.steps if s.get("kind"))  # LLM-Streamline
+
+
+def test_presets_data_and_sparsity() -> None:
+    shortgpt = compose_config(["experiment=shortgpt"])
+    assert shortgpt.calibration.seq_len == 256
+    assert shortgpt.calibration.path.endswith("text/wiki.txt")  # PG19 is not in the mirror
+    gromov = compose_config(["experiment=gromov"])
+    assert gromov.calibration.path.endswith("text/c4.txt")
+    assert gromov.recovery.train_data.path.endswith("text/c4.txt")
+    # a preset overrides config.yaml's own values, the command line overrides the preset
+    streamline = compose_config(["experiment=streamline_layer"])
+    assert (streamline.sparsity, streamline.sparsity_unit) == (0.25, "param_ratio")
+    cli = compose_config(["experiment=streamline_layer", "sparsity=3", "sparsity_unit=layers"])
+    assert (cli.sparsity, cli.sparsity_unit) == (3, "layers")
+
+
+@pytest.mark.parametrize(
+    ("name", "target"), [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")]
+)
+def test_launchers_compose(name: str, target: str) -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", [f"hydra/launcher={name}"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith(target)
+    if name == "slurm":
+        assert (launcher.partition, launcher.gpus_per_node, launcher.array_parallelism) == (
+            None,
+            1,
+            8,
+        )
+
+
+def sweep(root: Path, *overrides: str) -> list[str]:
+    """Six tiny jobs (3 sparsities x 2 scorers), results and caches all under ``root``."""
+    return [
+        sys.executable, "-m", "layerprune", "-m", "model=tiny_llama", "eval=none", "logger=none",
+        "calibration.n=4", "calibration.seq_len=32", "sparsity_unit=layers",
+        f"paths.runs={root}", f"hydra.sweep.dir={root}/sweep", f"paths.cache={root}/cache",
+        *overrides,
+    ]  # fmt: skip
+
+
+def metrics_files(root: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in (root / "sweep").glob("**/metrics.json")}
+
+
+def test_killed_sweep_resumes_and_skips_finished_jobs(tmp_path: Path) -> None:
+    command = sweep(tmp_path, "sparsity=1,2,3", "scorer=block_influence,random")
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not metrics_files(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = metrics_files(tmp_path)
+    assert 1 <= len(before) < 6
+    mtimes = {path: path.stat().st_mtime_ns for path in before}
+    for name in ("metrics.json", "plan.json", "scores.json"):  # all complete, or absent
+        for path in (tmp_path / "sweep").glob(f"**/{name}"):
+            json.loads(path.read_text())
+    assert sum(map(finished, load_runs([tmp_path]))) == len(before)
+
+    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert rerun.stdout.count("skipped: a finished run") == len(before)
+    after = metrics_files(tmp_path)
+    assert len(after) == 6
+    assert {path: after[path] for path in before} == before
+    assert {path: path.stat().st_mtime_ns for path in before} == mtimes
+    runs = load_runs([tmp_path])
+    assert len(runs) == 6 and all(map(finished, runs))
+    assert len({run["config_hash"] for run in runs}) == 6
+
+
+@pytest.mark.slow
+def test_sweep_through_the_local_submitit_launcher(tmp_path: Path) -> None:
+    command = sweep(tmp_path, "sparsity=1,2", "hydra/launcher=local")
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    runs = load_runs([tmp_path])
+    assert sorted(run["plan"]["sparsity"]["amount"] for run in runs) == [1, 2]

@@ -1,0 +1,156 @@
+"""The report's tables, on hand-made run folders whose every number is known."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from layerprune.report import build_table, choose, load_runs, main, method_label, to_markdown
+
+DENSE = {"piqa": ("acc", 0.70), "hellaswag": ("acc_norm", 0.50)}
+
+
+def write_run(
+    root: Path,
+    name: str,
+    method: str,
+    amount: float,
+    pruned: dict[str, float] | None = None,
+    created: str = "2026-01-01T00:00:00+00:00",
+    key: str | None = None,
+) -> Path:
+    """A finished run: 6 layers, 2 removed (30% of the parameters); with ``pruned`` accuracies,
+    an evaluation whose dense side is ``DENSE`` (average 0.60, perplexity 10 -> 20)."""
+    record: dict[str, Any] = {
+        "kind": "layerprune.run",
+        "config_hash": key or name,
+        "created": created,
+        "model": {"name": "tiny"},
+        "config": {"model": {"name": "tiny"}, "method": method, "sparsity": amount,
+                   "sparsity_unit": "layer_ratio"},
+        "plan": {"num_layers": 6, "num_layers_after": 4, "removed_layers": [3, 4],
+                 "removed_param_ratio": 0.3},
+    }  # fmt: skip
+    if pruned is not None:
+        average = sum(pruned.values()) / len(pruned)
+        rows = [{"task": t, "metric": DENSE[t][0], "dense": DENSE[t][1], "pruned": p}
+                for t, p in pruned.items()]  # fmt: skip
+        record["eval"] = {
+            "tasks": rows,
+            "average": {"dense": 0.60, "pruned": average, "delta": average - 0.60},
+            "rp": average / 0.60,
+            "stability": {"agreement": 0.8, "stability": 0.9, "n": 100},
+            "perplexity": {"dense": {"ppl": 10.0}, "pruned": {"ppl": 20.0}},
+        }
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(record))
+    return folder
+
+
+def table_lines(root: Path) -> list[str]:
+    return to_markdown(build_table(choose(load_runs([root])))).splitlines()
+
+
+def test_table_is_the_hand_computed_one(tmp_path: Path) -> None:
+    write_run(tmp_path, "a", "shortgpt", 0.25, {"piqa": 0.60, "hellaswag": 0.40})
+    write_run(tmp_path, "b", "random", 0.25, {"piqa": 0.55, "hellaswag": 0.25})
+    assert table_lines(tmp_path)[:5] == [
+        "| Model | Sparsity | Method | Removed layers | Removed params | piqa "
+        "| hellaswag (acc_norm) | Avg | RP | Stability | PPL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tiny | 0 | dense | 0 | 0.0 | 70.0 | 50.0 | 60.0 | 100.0 | – | 10.00 |",
+        # avg (0.55 + 0.25) / 2 = 0.40, RP 0.40 / 0.60
+        "| tiny | 25% layers | random | 2 | 30.0 | 55.0 | 25.0 | 40.0 | 66.7 | 0.900 | 20.00 |",
+        "| tiny | 25% layers | shortgpt | 2 | 30.0 | 60.0 | 40.0 | 50.0 | 83.3 | 0.900 | 20.00 |",
+    ]
+
+
+def test_missing_failed_and_unevaluated_runs_are_gaps(tmp_path: Path) -> None:
+    write_run(tmp_path, "a", "shortgpt", 0.25, {"piqa": 0.60, "hellaswag": 0.40})
+    write_run(tmp_path, "b", "shortgpt", 0.5, {"piqa": 0.50})  # hellaswag not evaluated
+    write_run(tmp_path, "c", "random", 0.25)  # eval=none
+    failed = tmp_path / "d" / ".hydra"  # a job that started but never wrote metrics.json
+    failed.mkdir(parents=True)
+    (failed / "config.yaml").write_text(
+        "model: {name: tiny}\nmethod: last\nsparsity: 0.25\nsparsity_unit: layer_ratio\n"
+    )
+    lines = table_lines(tmp_path)
+    gaps = "| – " * 8 + "|"
+    assert lines[3:8] == [
+        "| tiny | 25% layers | last " + gaps,
+        "| tiny | 25% layers | random | 2 | 30.0 | – | – | – | – | – | – |",
+        "| tiny | 25% layers | shortgpt | 2 | 30.0 | 60.0 | 40.0 | 50.0 | 83.3 | 0.900 | 20.00 |",
+        "| tiny | 50% layers | last " + gaps,
+        "| tiny | 50% layers | random " + gaps,  # never run
+    ]
+    assert (
+        lines[8]
+        == "| tiny | 50% layers | shortgpt | 2 | 30.0 | 50.0 | – | 50.0 | 83.3 | 0.900 | 20.00 |"
+    )
+    main([str(tmp_path), "--out", str(tmp_path / "out")])
+    with (tmp_path / "out" / "table.csv").open() as f:
+        never_run = [row for row in csv.DictReader(f) if row["Method"] == "random"][1]
+    assert never_run["piqa"] == never_run["Avg"] == never_run["Removed layers"] == "NaN"
+
+
+def test_newest_run_of_a_config_hash_wins(tmp_path: Path) -> None:
+    write_run(tmp_path, "old", "shortgpt", 0.25, {"piqa": 0.10}, "2026-01-01T00:00:00+00:00", "h")
+    write_run(tmp_path, "new", "shortgpt", 0.25, {"piqa": 0.65}, "2026-02-01T00:00:00+00:00", "h")
+    runs = load_runs([tmp_path])
+    assert [Path(r["run_dir"]).name for r in runs] == ["new"]
+    assert table_lines(tmp_path)[3].startswith("| tiny | 25% layers | shortgpt | 2 | 30.0 | 65.0 |")
+
+
+def test_label_without_a_method_names_scorer_and_recovery() -> None:
+    config = {
+        "scorer": {"_target_": "layerprune.scoring.BlockInfluence"},
+        "recovery": {"steps": [{"_target_": "layerprune.recovery.LayerReplacement", "kind": "ffn"},
+                               {"_target_": "layerprune.recovery.LoraHealing"}]},
+    }  # fmt: skip
+    assert method_label(config) == "block_influence+ffn+lora"
+    assert method_label({"scorer": {"_target_": "layerprune.scoring.Streamline"}}) == "streamline"
+
+
+def test_group_by_splits_rows_by_config_values(tmp_path: Path) -> None:
+    for name, text, n in [("a", "wiki", 16), ("b", "c4", 16), ("c", "c4", 64)]:
+        folder = write_run(tmp_path, name, "shortgpt", 0.25, {"piqa": 0.5})
+        record = json.loads((folder / "metrics.json").read_text())
+        record["config"]["calibration"] = {"path": f"/mirror/text/{text}.txt", "n": n}
+        (folder / "metrics.json").write_text(json.dumps(record))
+    table = build_table(choose(load_runs([tmp_path]), ["calibration.path"]), ["calibration.path"])
+    assert [(r["Method"], r.get("calibration.path")) for r in table.rows] == [
+        ("dense", None),
+        ("shortgpt", "c4"),
+        ("shortgpt", "wiki"),
+    ]  # c4 at n=16 and at n=64 share a row, as calibration.n is not a grouping key
+
+
+def test_report_writes_tables_and_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for i, amount in enumerate((0.25, 0.5)):
+        folder = write_run(tmp_path / "runs", f"r{i}", "shortgpt", amount, {"piqa": 0.6 - i / 10})
+    scores = {
+        "n_windows": 4,
+        "layer_metrics": {k: [0.1 * i for i in range(6)] for k in
+                          ("block_influence", "streamline_similarity", "angular_distance")},
+        "cosine_matrix": [[1.0 - abs(i - j) / 7 for j in range(7)] for i in range(7)],
+    }  # fmt: skip
+    (folder / "scores.json").write_text(json.dumps(scores))
+    out = tmp_path / "out"
+    main([str(tmp_path / "runs"), "--out", str(out), "--model", "tiny"])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "curve_tiny_layer_ratio.png", "importance_tiny.png", "similarity_tiny.png",
+        "table.csv", "table.md", "table.tex",
+    ]  # fmt: skip
+    assert "| tiny | 50% layers | shortgpt | 2 | 30.0 | 50.0 |" in (out / "table.md").read_text()
+    tex = (out / "table.tex").read_text()
+    assert r"\toprule" in tex and r"25\% layers & shortgpt & 2 & 30.0 & 60.0" in tex
+    assert "2 finished and 0 unfinished runs" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "runs"), "--out", str(out), "--model", "other"])
