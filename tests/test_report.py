@@ -43,7 +43,7 @@ def write_run(
             "tasks": rows,
             "average": {"dense": 0.60, "pruned": average, "delta": average - 0.60},
             "rp": average / 0.60,
-            "stability": {"agreement": 0.8, "stability": 0.9, "n": 100},
+            "stability": {"agreement": 0.8, "stability": 0.9, "stability_legacy": 0.7, "n": 100},
             "perplexity": {"dense": {"ppl": 10.0}, "pruned": {"ppl": 20.0}},
         }
     folder = root / name
@@ -61,12 +61,12 @@ def test_table_is_the_hand_computed_one(tmp_path: Path) -> None:
     write_run(tmp_path, "b", "random", 0.25, {"piqa": 0.55, "hellaswag": 0.25})
     assert table_lines(tmp_path)[:5] == [
         "| Model | Sparsity | Method | Removed layers | Removed params | piqa "
-        "| hellaswag (acc_norm) | Avg | RP | Stability | PPL |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        "| tiny | 0 | dense | 0 | 0.0 | 70.0 | 50.0 | 60.0 | 100.0 | – | 10.00 |",
+        "| hellaswag (acc_norm) | Avg | RP | Agreement | Stability | Stability (legacy) | PPL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tiny | 0 | dense | 0 | 0.0 | 70.0 | 50.0 | 60.0 | 100.0 | – | – | – | 10.00 |",
         # avg (0.55 + 0.25) / 2 = 0.40, RP 0.40 / 0.60
-        "| tiny | 25% layers | random | 2 | 30.0 | 55.0 | 25.0 | 40.0 | 66.7 | 0.900 | 20.00 |",
-        "| tiny | 25% layers | shortgpt | 2 | 30.0 | 60.0 | 40.0 | 50.0 | 83.3 | 0.900 | 20.00 |",
+        "| tiny | 25% layers | random | 2 | 30.0 | 55.0 | 25.0 | 40.0 | 66.7 | 0.800 | 0.900 | 0.700 | 20.00 |",
+        "| tiny | 25% layers | shortgpt | 2 | 30.0 | 60.0 | 40.0 | 50.0 | 83.3 | 0.800 | 0.900 | 0.700 | 20.00 |",
     ]
 
 
@@ -80,17 +80,17 @@ def test_missing_failed_and_unevaluated_runs_are_gaps(tmp_path: Path) -> None:
         "model: {name: tiny}\nmethod: last\nsparsity: 0.25\nsparsity_unit: layer_ratio\n"
     )
     lines = table_lines(tmp_path)
-    gaps = "| – " * 8 + "|"
+    gaps = "| – " * 10 + "|"
     assert lines[3:8] == [
         "| tiny | 25% layers | last " + gaps,
-        "| tiny | 25% layers | random | 2 | 30.0 | – | – | – | – | – | – |",
-        "| tiny | 25% layers | shortgpt | 2 | 30.0 | 60.0 | 40.0 | 50.0 | 83.3 | 0.900 | 20.00 |",
+        "| tiny | 25% layers | random | 2 | 30.0 | – | – | – | – | – | – | – | – |",
+        "| tiny | 25% layers | shortgpt | 2 | 30.0 | 60.0 | 40.0 | 50.0 | 83.3 | 0.800 | 0.900 | 0.700 | 20.00 |",
         "| tiny | 50% layers | last " + gaps,
         "| tiny | 50% layers | random " + gaps,  # never run
     ]
     assert (
         lines[8]
-        == "| tiny | 50% layers | shortgpt | 2 | 30.0 | 50.0 | – | 50.0 | 83.3 | 0.900 | 20.00 |"
+        == "| tiny | 50% layers | shortgpt | 2 | 30.0 | 50.0 | – | 50.0 | 83.3 | 0.800 | 0.900 | 0.700 | 20.00 |"
     )
     main([str(tmp_path), "--out", str(tmp_path / "out")])
     with (tmp_path / "out" / "table.csv").open() as f:

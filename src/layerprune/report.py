@@ -31,7 +31,7 @@ Run = dict[str, Any]
 Key = tuple[Any, ...]  # (model, sparsity unit, sparsity amount, method, *group-by values)
 GAP = "–"
 TEXT = ("Model", "Sparsity", "Method")
-SUMMARY = ("Avg", "RP", "Stability", "PPL")
+SUMMARY = ("Avg", "RP", "Agreement", "Stability", "Stability (legacy)", "PPL")
 NOTE = (
     "Accuracies, Avg, RP and removed params in %; – : no result (missing, failed or not evaluated)."
 )
@@ -153,7 +153,9 @@ def pruned_row(run: Run) -> dict[str, Any]:
         "Removed params": plan.get("removed_param_ratio"),
         **results(run, "pruned"),
         "RP": get(run, "eval.rp"),
+        "Agreement": get(run, "eval.stability.agreement"),
         "Stability": get(run, "eval.stability.stability"),
+        "Stability (legacy)": get(run, "eval.stability.stability_legacy"),
     }
 
 
@@ -196,7 +198,7 @@ def fmt(column: str, value: Any) -> str:
         return value
     if column == "Removed layers":
         return str(value)
-    if column == "Stability":
+    if column in ("Agreement", "Stability", "Stability (legacy)"):
         return f"{value:.3f}"
     if column == "PPL":
         return f"{value:.2f}"
