@@ -8,6 +8,7 @@ are removed unmerged, leaving the model as it came in.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import torch
 from transformers import PreTrainedModel
@@ -109,11 +110,7 @@ def lora_heal(
             "lora_params": added,
             "target_modules": list(target_modules),
             "batch_size": batch_size,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "warmup_ratio": warmup_ratio,
-            "min_lr": min_lr,
-            "grad_clip": grad_clip,
+            **asdict(schedule),
             "seed": seed,
         },
     )

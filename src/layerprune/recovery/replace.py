@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -196,11 +197,7 @@ def replace_block(
             "loss": loss,
             "epochs": epochs,
             "batch_size": batch_size,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "warmup_ratio": warmup_ratio,
-            "min_lr": min_lr,
-            "grad_clip": grad_clip,
+            **asdict(schedule),
             "seed": seed,
         },
     )
