@@ -79,7 +79,7 @@ class LayerStats:
         )
 
 
-def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+def layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     h = args[0] if args else kwargs["hidden_states"]
     return h[0] if isinstance(h, tuple) else h
 
@@ -97,7 +97,7 @@ def capture_residuals(
     states: list[torch.Tensor] = []
 
     def on_input(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        states.append(_hidden(args, kwargs))
+        states.append(layer_input(args, kwargs))
 
     def on_output(_m: nn.Module, _args: Any, output: Any) -> None:
         states.append(output[0] if isinstance(output, tuple) else output)

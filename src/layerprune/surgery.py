@@ -9,6 +9,7 @@ when these are left stale.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -28,16 +29,23 @@ def original_layer_indices(model: PreTrainedModel) -> list[int]:
     return list(range(stack.num_layers))
 
 
+def per_layer_lists(config: object, num_layers: int) -> dict[str, list[Any] | tuple[Any, ...]]:
+    """Config lists with one entry per layer, such as ``layer_types``."""
+    return {
+        key: value
+        for key, value in vars(config).items()
+        if isinstance(value, (list, tuple)) and len(value) == num_layers and key != PRUNING_RECORD
+    }
+
+
 def _slice_per_layer_lists(config: object, num_layers: int, kept: list[int]) -> list[str]:
-    sliced = []
-    for key, value in list(vars(config).items()):
-        if isinstance(value, (list, tuple)) and len(value) == num_layers and key != PRUNING_RECORD:
-            setattr(config, key, type(value)(value[i] for i in kept))
-            sliced.append(key)
-    return sliced
+    lists = per_layer_lists(config, num_layers)
+    for key, value in lists.items():
+        setattr(config, key, type(value)(value[i] for i in kept))
+    return list(lists)
 
 
-def _renumber(layer: nn.Module, new_idx: int) -> None:
+def renumber(layer: nn.Module, new_idx: int) -> None:
     for module in layer.modules():
         if hasattr(module, "layer_idx"):
             setattr(module, "layer_idx", new_idx)  # noqa: B010 (mypy types it as a Module)
@@ -58,7 +66,7 @@ def remove_layers(model: PreTrainedModel, removed: Iterable[int]) -> list[int]:
     layers = stack.layers
     stack.layers = nn.ModuleList(layers[i] for i in kept)
     for new_idx, layer in enumerate(stack.layers):
-        _renumber(layer, new_idx)
+        renumber(layer, new_idx)
     configs = {id(c): c for c in (stack.config, model.config)}
     for config in configs.values():
         if getattr(config, "num_hidden_layers", None) == num_layers:

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from layerprune.errors import LayerpruneError
 from layerprune.layers import decoder_stack
-from layerprune.scoring import _hidden
+from layerprune.scoring import layer_input
 
 
 class _StopForward(Exception):
@@ -73,7 +73,7 @@ def stream_block(
     seen: dict[str, Any] = {}
 
     def on_input(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        seen["h_in"] = _hidden(args, kwargs)
+        seen["h_in"] = layer_input(args, kwargs)
         seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
 
     def on_tap(name: str) -> Any:

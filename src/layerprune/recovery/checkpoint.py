@@ -25,19 +25,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from layerprune.files import atomic_write
 from layerprune.layers import decoder_stack
 from layerprune.recovery.modules import FFNReplacement
-from layerprune.surgery import PRUNING_RECORD, _renumber, remove_layers
+from layerprune.surgery import PRUNING_RECORD, per_layer_lists, remove_layers, renumber
 
 WEIGHTS = "layerprune_replacement.safetensors"
 RECORD = "layerprune_replacement"
-
-
-def _per_layer(config: object, num_layers: int) -> dict[str, list[Any]]:
-    """Config lists with one entry per layer (those that surgery slices)."""
-    return {
-        key: list(value)
-        for key, value in vars(config).items()
-        if isinstance(value, (list, tuple)) and len(value) == num_layers and key != PRUNING_RECORD
-    }
 
 
 def _configs(model: PreTrainedModel) -> list[Any]:
@@ -54,7 +45,7 @@ def save_recovered(model: PreTrainedModel, path: str | Path) -> Path:
     if not ffns:  # a standard model: a standard checkpoint and nothing else
         model.save_pretrained(path)
         return path
-    per_layer = _per_layer(stack.config, stack.num_layers)
+    per_layer = per_layer_lists(stack.config, stack.num_layers)
     entries = [
         {
             "index": i,
@@ -81,7 +72,7 @@ def save_recovered(model: PreTrainedModel, path: str | Path) -> Path:
     finally:
         stack.layers = layers
         for idx, layer in enumerate(layers):
-            _renumber(layer, idx)
+            renumber(layer, idx)
         for config, saved in snapshots:
             vars(config).clear()
             vars(config).update(saved)
@@ -115,7 +106,7 @@ def load_recovered(path: str | Path, **kwargs: Any) -> PreTrainedModel:
                 setattr(config, key, values)
     stack.layers = nn.ModuleList(layers)
     for idx, layer in enumerate(layers):
-        _renumber(layer, idx)
+        renumber(layer, idx)
     for config in configs:
         config.num_hidden_layers = len(layers)
     setattr(stack.config, PRUNING_RECORD, record[PRUNING_RECORD])
