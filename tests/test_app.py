@@ -109,6 +109,17 @@ def test_multirun_scores_each_model_once(tmp_path: Path) -> None:
     assert len(jobs) == 8 and all({f.name for f in job.iterdir()} >= OUTPUTS for job in jobs)
 
 
+def test_a_failed_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
+    result = cli(
+        "-m", *TINY, "sparsity=-1,0.25", "hydra.sweep.dir=sweep", cwd=tmp_path
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "layerprune: error: sparsity must be > 0; got -1.0" in result.stderr
+    failed, finished = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert failed.name.startswith("0_") and not (failed / "metrics.json").exists()
+    assert json.loads((finished / "metrics.json").read_text())["plan"]["sparsity"]["amount"] == 0.25
+
+
 def test_a_finished_config_is_skipped_unless_forced(tmp_path: Path, capsys) -> None:
     overrides = [*TINY[:-1], f"paths.runs={tmp_path}"]
     first = run(compose_config(overrides), tmp_path / "a")

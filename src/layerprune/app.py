@@ -364,6 +364,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except LayerpruneError as e:
         print(f"layerprune: error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra marks the job failed, runs the rest and exits non-zero at the end
         sys.exit(2)
 
 
