@@ -120,6 +120,17 @@ def test_a_failed_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
     assert json.loads((finished / "metrics.json").read_text())["plan"]["sparsity"]["amount"] == 0.25
 
 
+def test_too_little_training_text_fails_before_the_evaluation(tmp_path: Path) -> None:
+    args = [a for a in TINY if not a.startswith("eval=")]
+    result = cli(
+        *args, "experiment=streamline_layer", "recovery.train_data.n=100000",
+        "eval=quick", "eval.limit=2", "paths.cache=cache", "hydra.run.dir=run", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "need n=100000" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "cache" / "dense_eval").exists()
+
+
 def test_a_finished_config_is_skipped_unless_forced(tmp_path: Path, capsys) -> None:
     overrides = [*TINY[:-1], f"paths.runs={tmp_path}"]
     first = run(compose_config(overrides), tmp_path / "a")

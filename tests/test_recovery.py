@@ -254,7 +254,7 @@ def test_recovery_configs_instantiate_callable_steps(name: str) -> None:
     ]
     recovery.train_data = TinyWindows(tokens(10))
     removed = [2, 3]
-    reports = recovery.apply(loaded, removed)
+    reports = recovery.apply(loaded, removed, recovery.windows(loaded))
     assert len(reports) == len(steps) and all(r["method"] for r in reports)
     model = loaded.model
     net = len(removed) - sum(s.layers_added for s in steps)

@@ -235,11 +235,16 @@ class Recovery:
                     "scorer.selection=contiguous"
                 )
 
-    def apply(self, loaded: LoadedModel, removed: list[int]) -> list[dict[str, Any]]:
-        """Prune (a replacing step prunes the dense model itself) and recover."""
-        windows = None
+    def windows(self, loaded: LoadedModel) -> torch.Tensor | None:
+        """The training windows, drawn before any long work so that too short a text fails fast."""
         if self.steps and self.train_data is not None:
-            windows = self.train_data.windows(loaded.tokenizer)
+            return self.train_data.windows(loaded.tokenizer)
+        return None
+
+    def apply(
+        self, loaded: LoadedModel, removed: list[int], windows: torch.Tensor | None
+    ) -> list[dict[str, Any]]:
+        """Prune (a replacing step prunes the dense model itself) and recover."""
         reports, pruned = [], False
         for step in self.steps:
             if not step.prunes and not pruned:
@@ -299,6 +304,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     )
     with timer.stage("load"):
         loaded: LoadedModel = build(cfg.model)
+    train_windows = recovery.windows(loaded)
     with timer.stage("score"):
         stats, hit = layer_stats(loaded, calibration, cfg)
     layer_params, params_before = layer_param_counts(loaded.model), param_count(loaded.model)
@@ -308,7 +314,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         with timer.stage("eval_dense"):
             dense, dense_hit = dense_evaluation(loaded, suite, source, cfg)
     with timer.stage("prune_recover"):
-        recovery_reports = recovery.apply(loaded, plan.removed_layers)
+        recovery_reports = recovery.apply(loaded, plan.removed_layers, train_windows)
     plan = replace(plan, params_after=param_count(loaded.model))  # net of replacements
     pruned = None
     if suite and source:
