@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from layerprune.app import Recovery, build
+from layerprune.app import build
 from layerprune.calibration import TextFile
 from layerprune.errors import LayerpruneError
 from layerprune.layers import decoder_stack
@@ -17,6 +17,7 @@ from layerprune.recovery import (
     LayerReplacement,
     LinearReplacement,
     LoraHealing,
+    Recovery,
     contiguous_block,
     load_recovered,
     lora_heal,

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -46,11 +46,10 @@ from layerprune.layers import layer_param_counts, param_count
 from layerprune.mirror import TaskSource
 from layerprune.models import LoadedModel
 from layerprune.plots import plot_importance
-from layerprune.recovery import save_recovered
+from layerprune.recovery import Recovery, save_recovered
 from layerprune.scoring import LayerStats, Scorer, Streamline, collect_layer_stats
 from layerprune.selection import Plan, Sparsity, make_plan
 from layerprune.stability import write_samples
-from layerprune.surgery import remove_layers
 
 log = logging.getLogger("layerprune")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -212,50 +211,6 @@ def dense_evaluation(
     payload, hit = cache.get_or_compute(key, lambda: evaluate(loaded, suite, source).to_dict())
     log.info("dense evaluation %s", "reused from the cache" if hit else "computed and cached")
     return Evaluation.from_dict(payload), hit
-
-
-@dataclass
-class Recovery:
-    """A ``conf/recovery`` option: steps run in order, on windows from ``train_data``."""
-
-    steps: list[Any]
-    train_data: Calibration | None
-
-    @property
-    def layers_added(self) -> int:
-        return sum(step.layers_added for step in self.steps)
-
-    def check(self, scorer: Scorer) -> None:
-        """A block replacement needs a contiguous block: say so before loading anything."""
-        for step in self.steps:
-            if step.contiguous and scorer.selection != "contiguous":
-                raise LayerpruneError(
-                    f"recovery step {type(step).__name__} needs a contiguous block, but scorer "
-                    f"'{scorer.name}' selects '{scorer.selection}' layers; set "
-                    "scorer.selection=contiguous"
-                )
-
-    def windows(self, loaded: LoadedModel) -> torch.Tensor | None:
-        """The training windows, drawn before any long work so that too short a text fails fast."""
-        if self.steps and self.train_data is not None:
-            return self.train_data.windows(loaded.tokenizer)
-        return None
-
-    def apply(
-        self, loaded: LoadedModel, removed: list[int], windows: torch.Tensor | None
-    ) -> list[dict[str, Any]]:
-        """Prune (a replacing step prunes the dense model itself) and recover."""
-        reports, pruned = [], False
-        for step in self.steps:
-            if not step.prunes and not pruned:
-                remove_layers(loaded.model, removed)
-                pruned = True
-            assert windows is not None
-            reports.append(step(loaded.model, removed, windows).to_dict())
-            pruned = pruned or step.prunes
-        if not pruned:
-            remove_layers(loaded.model, removed)
-        return reports
 
 
 def write_samples_dir(out: Path, label: str, evaluation: Evaluation) -> None:

@@ -10,7 +10,12 @@ from layerprune.recovery.lora import lora_heal
 from layerprune.recovery.modules import FFNReplacement
 from layerprune.recovery.replace import replace_block
 from layerprune.recovery.report import RecoveryReport
-from layerprune.recovery.steps import LayerReplacement, LinearReplacement, LoraHealing
+from layerprune.recovery.steps import (
+    LayerReplacement,
+    LinearReplacement,
+    LoraHealing,
+    Recovery,
+)
 
 __all__ = [
     "BlockBatch",
@@ -18,6 +23,7 @@ __all__ = [
     "LayerReplacement",
     "LinearReplacement",
     "LoraHealing",
+    "Recovery",
     "RecoveryReport",
     "contiguous_block",
     "load_recovered",

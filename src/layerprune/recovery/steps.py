@@ -5,21 +5,27 @@
 states); one with ``prunes = False`` gets the already pruned model and ignores ``removed``.
 ``layers_added`` says how many layers the step puts back: net removal = len(removed) -
 layers_added. The hyper-parameters are the dataclass fields, set from ``conf/recovery``.
+:class:`Recovery` is one ``conf/recovery`` option: its steps and the text they train on.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
 
+from layerprune.calibration import Calibration
+from layerprune.errors import LayerpruneError
+from layerprune.models import LoadedModel
 from layerprune.recovery.activations import contiguous_block
 from layerprune.recovery.linear import replace_linear
 from layerprune.recovery.lora import TARGET_MODULES, lora_heal
 from layerprune.recovery.replace import replace_block
 from layerprune.recovery.report import RecoveryReport
+from layerprune.scoring import Scorer
+from layerprune.surgery import remove_layers
 
 
 @dataclass
@@ -95,3 +101,47 @@ class LoraHealing:
         self, model: PreTrainedModel, removed: list[int], windows: torch.Tensor
     ) -> RecoveryReport:
         return lora_heal(model, windows, **asdict(self))[1]
+
+
+@dataclass
+class Recovery:
+    """A ``conf/recovery`` option: steps run in order, on windows from ``train_data``."""
+
+    steps: list[Any]
+    train_data: Calibration | None
+
+    @property
+    def layers_added(self) -> int:
+        return sum(step.layers_added for step in self.steps)
+
+    def check(self, scorer: Scorer) -> None:
+        """A block replacement needs a contiguous block: say so before loading anything."""
+        for step in self.steps:
+            if step.contiguous and scorer.selection != "contiguous":
+                raise LayerpruneError(
+                    f"recovery step {type(step).__name__} needs a contiguous block, but scorer "
+                    f"'{scorer.name}' selects '{scorer.selection}' layers; set "
+                    "scorer.selection=contiguous"
+                )
+
+    def windows(self, loaded: LoadedModel) -> torch.Tensor | None:
+        """The training windows, drawn before any long work so that too short a text fails fast."""
+        if self.steps and self.train_data is not None:
+            return self.train_data.windows(loaded.tokenizer)
+        return None
+
+    def apply(
+        self, loaded: LoadedModel, removed: list[int], windows: torch.Tensor | None
+    ) -> list[dict[str, Any]]:
+        """Prune (a replacing step prunes the dense model itself) and recover."""
+        reports, pruned = [], False
+        for step in self.steps:
+            if not step.prunes and not pruned:
+                remove_layers(loaded.model, removed)
+                pruned = True
+            assert windows is not None
+            reports.append(step(loaded.model, removed, windows).to_dict())
+            pruned = pruned or step.prunes
+        if not pruned:
+            remove_layers(loaded.model, removed)
+        return reports
