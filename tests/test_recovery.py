@@ -260,3 +260,10 @@ def test_recovery_configs_instantiate_callable_steps(name: str) -> None:
     model = loaded.model
     net = len(removed) - sum(s.layers_added for s in steps)
     assert model.config.num_hidden_layers == decoder_stack(model).num_layers == 6 - net
+
+
+def test_recovery_steps_without_training_text_are_one_clear_error() -> None:
+    recovery = Recovery(steps=[LoraHealing()], train_data=None)
+    with pytest.raises(LayerpruneError, match="LoraHealing train on text, but train_data is null"):
+        recovery.windows(load("tiny_llama"))
+    assert Recovery(steps=[], train_data=None).windows(load("tiny_llama")) is None

@@ -126,9 +126,15 @@ class Recovery:
 
     def windows(self, loaded: LoadedModel) -> torch.Tensor | None:
         """The training windows, drawn before any long work so that too short a text fails fast."""
-        if self.steps and self.train_data is not None:
-            return self.train_data.windows(loaded.tokenizer)
-        return None
+        if not self.steps:
+            return None
+        if self.train_data is None:
+            names = ", ".join(type(step).__name__ for step in self.steps)
+            raise LayerpruneError(
+                f"recovery steps {names} train on text, but train_data is null; set "
+                "recovery.train_data (e.g. the TextFile of conf/recovery/layer.yaml)"
+            )
+        return self.train_data.windows(loaded.tokenizer)
 
     def apply(
         self, loaded: LoadedModel, removed: list[int], windows: torch.Tensor | None
