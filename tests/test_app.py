@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from layerprune.app import run
+from layerprune.app import peak_memory, reset_peak_memory, run
 from layerprune.errors import LayerpruneError
 from layerprune.models import from_packaged_gguf
 
@@ -171,3 +172,13 @@ def test_block_recovery_needs_a_contiguous_scorer() -> None:
         LayerpruneError, match=r"needs a contiguous block.*scorer\.selection=contiguous"
     ):
         run(cfg, Path("/nonexistent"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_peak_memory_counts_from_the_reset() -> None:
+    # The jobs of a multirun share one process; each records its own peak.
+    buffer = torch.ones(2**27)  # 512 MiB, touched
+    del buffer
+    with_buffer = peak_memory()["cpu_rss"]
+    reset_peak_memory()
+    assert with_buffer - peak_memory()["cpu_rss"] > 0.4

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import resource
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -188,9 +189,24 @@ class Timer:
         return {**self.seconds, "total": round(time.perf_counter() - self._start, 3)}
 
 
+PROC_SELF = Path("/proc/self")
+
+
+def reset_peak_memory() -> None:
+    """Start the peak-memory count afresh: a multirun runs all its jobs in one process."""
+    with suppress(OSError):  # elsewhere the process-wide peak stands
+        (PROC_SELF / "clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory() -> dict[str, float]:
-    """Peak resident memory of this process (and of the GPU), in GiB."""
-    peak = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    """Peak resident memory since :func:`reset_peak_memory` (and of the GPU), in GiB."""
+    match = None
+    with suppress(OSError):
+        match = re.search(r"VmHWM:\s+(\d+) kB", (PROC_SELF / "status").read_text())
+    kib = int(match.group(1)) if match else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"cpu_rss": kib / 2**20}  # ru_maxrss is in KiB on Linux too
     if torch.cuda.is_available():
         peak["cuda"] = torch.cuda.max_memory_allocated() / 2**30
     return {k: round(v, 3) for k, v in peak.items()}
@@ -247,6 +263,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         print(f"skipped: a finished run of this config (hash {key}) is in {done}")
         return dict(read_json(done / "metrics.json"))
     timer = Timer()
+    reset_peak_memory()
     sparsity = Sparsity(float(cfg.sparsity), str(cfg.sparsity_unit))
     scorer: Scorer = build(cfg.scorer)
     calibration: Calibration = build(cfg.calibration)
