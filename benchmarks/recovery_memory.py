@@ -27,7 +27,7 @@ def load(model: str, device: str) -> LoadedModel:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "src" / "layerprune" / "conf"), version_base="1.3"):
         cfg = compose("config", [f"model={model}", f"model.device={device}"])
     return instantiate(cfg.model, _convert_="all")
 

@@ -47,7 +47,7 @@ def load(args: argparse.Namespace) -> LoadedModel:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "src" / "layerprune" / "conf"), version_base="1.3"):
         cfg = compose("config", [f"model={args.model}", f"model.device={args.device}"])
     return instantiate(cfg.model, _convert_="all")
 

@@ -53,8 +53,8 @@ from layerprune.selection import Plan, Sparsity, make_plan
 from layerprune.stability import write_samples
 
 log = logging.getLogger("layerprune")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = PROJECT_ROOT / "conf"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout, for an editable install
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package
 SCHEMA_VERSION = 1
 SCORES_VERSION = 1  # bump when the statistics' definition changes (invalidates the cache)
 EVAL_VERSION = 1  # likewise for the dense-evaluation cache
