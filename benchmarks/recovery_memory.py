@@ -16,19 +16,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scoring_overhead import ROOT, measure
+from scoring_overhead import ROOT
 
 from layerprune.calibration import TextFile
 from layerprune.models import LoadedModel
 from layerprune.recovery import replace_block
+from layerprune.resources import measure
 
 
 def load(model: str, device: str) -> LoadedModel:
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(config_dir=str(ROOT / "src" / "layerprune" / "conf"), version_base="1.3"):
-        cfg = compose("config", [f"model={model}", f"model.device={device}"])
+    from layerprune.app import compose
+
+    cfg = compose([f"model={model}", f"model.device={device}"])
     return instantiate(cfg.model, _convert_="all")
 
 
@@ -55,7 +56,7 @@ def child(args: argparse.Namespace) -> None:
         )
         report.update(r.to_dict())
 
-    seconds, peak = measure(run, device)
+    _, seconds, peak = measure(run, device)
     print(json.dumps({"seconds": seconds, "peak_gib": peak, "device": str(device), **report}))
 
 

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import torch
 
 from layerprune.calibration import TextFile
 from layerprune.layers import decoder_stack
 from layerprune.models import LoadedModel, byte_tokenizer, random_init, resolve_device
+from layerprune.resources import measure
 from layerprune.scoring import collect_layer_stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +42,11 @@ def load(args: argparse.Namespace) -> LoadedModel:
     if args.shape:
         dtype = "bfloat16" if resolve_device(args.device).type == "cuda" else "float32"
         return random_init(args.shape, "llama", SHAPES[args.shape], dtype=dtype, device=args.device)
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(config_dir=str(ROOT / "src" / "layerprune" / "conf"), version_base="1.3"):
-        cfg = compose("config", [f"model={args.model}", f"model.device={args.device}"])
+    from layerprune.app import compose
+
+    cfg = compose([f"model={args.model}", f"model.device={args.device}"])
     return instantiate(cfg.model, _convert_="all")
 
 
@@ -58,34 +56,6 @@ def windows(loaded: LoadedModel, args: argparse.Namespace) -> torch.Tensor:
         return torch.randint(3, len(byte_tokenizer()), (args.n, args.seq_len), generator=gen)
     text = Path(args.mirror) / "text" / "wiki.txt"
     return TextFile(n=args.n, seq_len=args.seq_len, path=str(text)).windows(loaded.tokenizer)
-
-
-def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
-    """Seconds and peak memory (GiB above the starting point) of one call."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return time.perf_counter() - start, (torch.cuda.max_memory_allocated() - base) / 2**30
-    proc, peak, done = psutil.Process(), [0], threading.Event()
-    base = proc.memory_info().rss
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    start = time.perf_counter()
-    fn()
-    elapsed = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    return elapsed, max(peak[0] - base, 0) / 2**30
 
 
 def main() -> None:
@@ -124,7 +94,7 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {label: [] for label in passes}
     for _ in range(args.repeats):
         for label, fn in passes.items():
-            results[label].append(measure(fn, device))
+            results[label].append(measure(fn, device)[1:])
 
     name = args.shape or args.model
     print(

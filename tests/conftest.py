@@ -4,11 +4,10 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from layerprune.app import CONF_DIR
+from layerprune.app import compose
 from layerprune.models import LoadedModel
 
 TINY_MODELS = ["tiny_llama", "tiny_qwen2", "tiny_gemma3"]
@@ -18,8 +17,7 @@ MIRROR = Path(
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides)
 
 
 def load(model: str, **overrides: str) -> LoadedModel:

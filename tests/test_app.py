@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerprune.app import peak_memory, reset_peak_memory, run
+from layerprune.app import run
 from layerprune.errors import LayerpruneError
 from layerprune.models import from_packaged_gguf
+from layerprune.resources import peak_memory, reset_peak_memory
 
 from .conftest import MIRROR, compose_config
 
@@ -132,16 +133,16 @@ def test_too_little_training_text_fails_before_the_evaluation(tmp_path: Path) ->
     assert not (tmp_path / "cache" / "dense_eval").exists()
 
 
-def test_a_finished_config_is_skipped_unless_forced(tmp_path: Path, capsys) -> None:
+def test_a_finished_config_is_skipped_unless_forced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="layerprune")
     overrides = [*TINY[:-1], f"paths.runs={tmp_path}"]
     first = run(compose_config(overrides), tmp_path / "a")
     before = (tmp_path / "a" / "metrics.json").read_bytes()
     again = run(compose_config(overrides), tmp_path / "b")
     assert again == first and not (tmp_path / "b").exists()
-    assert (
-        f"skipped: a finished run of this config (hash {first['config_hash']})"
-        in capsys.readouterr().out
-    )
+    assert f"skipped: a finished run of this config (hash {first['config_hash']})" in caplog.text
     assert (tmp_path / "a" / "metrics.json").read_bytes() == before
     run(compose_config([*overrides, "sparsity=0.5"]), tmp_path / "c")  # another config runs
     run(compose_config([*overrides, "force=true"]), tmp_path / "d")  # and so does force

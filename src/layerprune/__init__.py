@@ -1,10 +1,37 @@
 """layerprune: depth (layer) pruning of decoder-only LLMs.
 
-The core API (models, calibration, scoring, selection, surgery) is plain Python on top of
-torch and transformers; the Hydra app in :mod:`layerprune.app` composes it.
+The library (models, calibration, scoring, selection, surgery, recovery, stability) is plain
+Python on torch and transformers; :mod:`layerprune.api` is its short front door, re-exported
+here, and the Hydra app in :mod:`layerprune.app` composes the same pieces from configs.
 """
 
-from layerprune.errors import LayerpruneError
-
 __version__ = "0.1.0"
-__all__ = ["LayerpruneError", "__version__"]
+
+from layerprune.api import evaluate, load, plan, prune, recover, save, score, windows
+from layerprune.errors import LayerpruneError
+from layerprune.recovery import LayerReplacement, LinearReplacement, LoraHealing
+from layerprune.scoring import Angular, BlockInfluence, Last, LayerStats, Random, Streamline
+from layerprune.selection import Plan
+
+__all__ = [
+    "Angular",
+    "BlockInfluence",
+    "Last",
+    "LayerReplacement",
+    "LayerStats",
+    "LayerpruneError",
+    "LinearReplacement",
+    "LoraHealing",
+    "Plan",
+    "Random",
+    "Streamline",
+    "__version__",
+    "evaluate",
+    "load",
+    "plan",
+    "prune",
+    "recover",
+    "save",
+    "score",
+    "windows",
+]

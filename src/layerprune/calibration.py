@@ -30,16 +30,29 @@ def split_documents(text: str) -> list[str]:
     return [d.strip() for d in docs if d.strip()]
 
 
-def _stream(tokenizer: PreTrainedTokenizerBase, docs: Iterable[str], limit: int) -> list[int]:
-    """Token ids of the documents joined by EOS, stopping once ``limit`` tokens are gathered."""
+def token_stream(
+    tokenizer: PreTrainedTokenizerBase,
+    docs: Iterable[str],
+    limit: int | None = None,
+    eos_after_last: bool = False,
+) -> list[int]:
+    """Token ids of the documents, tokenised one by one and joined by EOS.
+
+    Reading stops once ``limit`` tokens are gathered (the stream can run past it). With
+    ``eos_after_last`` every document, the last too, ends with EOS (calibration windows);
+    otherwise EOS only separates documents, so a one-document text is tokenised exactly as a
+    standard evaluation tokenises it (perplexity).
+    """
     ids: list[int] = []
     eos = tokenizer.eos_token_id
-    for doc in docs:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-        if len(ids) >= limit:
+    for i, doc in enumerate(docs):
+        if limit is not None and len(ids) >= limit:
             break
+        if i and eos is not None and not eos_after_last:
+            ids.append(eos)
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos_after_last and eos is not None:
+            ids.append(eos)
     return ids
 
 
@@ -72,7 +85,7 @@ class Calibration(ABC):
         bos = tokenizer.bos_token_id if self.add_bos else None
         body = self.seq_len - (bos is not None)
         # Read a margin beyond n windows so the seeded draw is not just the first n.
-        stream = _stream(tokenizer, self.documents(), limit=4 * self.n * body)
+        stream = token_stream(tokenizer, self.documents(), 4 * self.n * body, eos_after_last=True)
         available = len(stream) // body
         if available < self.n:
             raise LayerpruneError(

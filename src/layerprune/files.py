@@ -1,4 +1,9 @@
-"""Atomic writes, so that a crash never leaves a half-written result behind."""
+"""Atomic writes, so that a crash never leaves a half-written result behind.
+
+Temporary files and folders are created private (``mkstemp``/``mkdtemp`` use 0600/0700) and
+given the permissions the user's umask asks for just before they are renamed into place, so
+colleagues on a shared machine can read results exactly as they could read any other file.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,13 @@ from pathlib import Path
 from typing import Any
 
 
+def umask() -> int:
+    """The process's umask (Python can only read it by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
     path = Path(path)
@@ -19,6 +31,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -38,9 +51,16 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def staging_dir(final_dir: Path) -> Path:
+    """An empty hidden folder beside ``final_dir`` to write into before :func:`commit_dir`."""
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".tmp", dir=final_dir.parent))
+
+
 def commit_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written folder into place; whoever commits first wins."""
     final_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(tmp_dir, 0o777 & ~umask())
     try:
         os.replace(tmp_dir, final_dir)
     except OSError:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from layerprune.cache import digest
 from layerprune.errors import LayerpruneError
 from layerprune.files import cache_root, commit_dir, write_json
 
@@ -34,10 +34,14 @@ CONVERSION_CHECK_TEXT = "The quick brown fox jumps over the lazy dog. Layer prun
 
 @dataclass
 class LoadedModel:
+    """A model and its tokenizer; ``source`` says where the weights came from (a hub id, a
+    folder, a GGUF package) and ``fingerprint`` identifies weights and dtype for the caches."""
+
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
     fingerprint: str
+    source: str = ""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -55,16 +59,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _finish(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, identity: Any
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    name: str,
+    identity: Any,
+    source: str,
 ) -> LoadedModel:
     model.eval()
+    model.config._name_or_path = source
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return LoadedModel(model, tokenizer, name, _digest([identity, dtype]))
+    return LoadedModel(model, tokenizer, name, digest([identity, dtype])[:16], source)
 
 
 def from_pretrained(
@@ -100,9 +105,11 @@ def from_pretrained(
     if looks_local:
         files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in local.iterdir())
         identity: Any = ["local", str(local.resolve()), files]
+        source = str(local.resolve())
     else:
         identity = ["hub", path, revision]
-    return _finish(model, tokenizer, name, identity)
+        source = path if revision is None else f"{path}@{revision}"
+    return _finish(model, tokenizer, name, identity, source)
 
 
 def _package_file(spec: str, pip: list[str], model_name: str) -> Path:
@@ -176,7 +183,7 @@ def from_packaged_gguf(
     ``cache_dir`` is the cache root (default ``$LAYERPRUNE_CACHE`` or ~/.cache/layerprune).
     """
     files = [_package_file(p, pip, name) for p in parts]
-    key = sha256 or _digest([(str(f), f.stat().st_size) for f in files])
+    key = sha256 or digest([(str(f), f.stat().st_size) for f in files])
     entry = cache_root(cache_dir) / "models" / f"{name}-{key[:16]}"
     if not (entry / "layerprune_source.json").is_file():
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +210,8 @@ def from_packaged_gguf(
     model = AutoModelForCausalLM.from_pretrained(entry, dtype=resolve_dtype(dtype, dev))
     model.to(dev)  # type: ignore[arg-type]  # transformers types .to oddly
     tokenizer = AutoTokenizer.from_pretrained(entry)
-    return _finish(model, tokenizer, name, ["gguf", key])
+    source = f"{name}: {Path(parts[0]).name.split('.part')[0]} from PyPI {', '.join(pip)}"
+    return _finish(model, tokenizer, name, ["gguf", key], source)
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -249,4 +257,5 @@ def random_init(
         for pname, param in model.named_parameters():
             if "norm" in pname:
                 param.add_(0.3 * torch.randn_like(param))
-    return _finish(model, tokenizer, name, ["random", model_type, config, seed])
+    identity = ["random", model_type, config, seed]
+    return _finish(model, tokenizer, name, identity, f"random init of {model_type} (seed {seed})")

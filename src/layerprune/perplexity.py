@@ -18,11 +18,12 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from layerprune.calibration import split_documents
+from layerprune.calibration import split_documents, token_stream
 from layerprune.errors import LayerpruneError
 
 
@@ -34,20 +35,6 @@ class PerplexityResult:
     n_windows: int
     seq_len: int
     stride: int | None
-
-
-def _stream(
-    tokenizer: PreTrainedTokenizerBase, docs: Iterable[str], max_tokens: int | None
-) -> list[int]:
-    ids: list[int] = []
-    eos = tokenizer.eos_token_id
-    for i, doc in enumerate(docs):
-        if max_tokens is not None and len(ids) >= max_tokens:
-            break
-        if i and eos is not None:
-            ids.append(eos)
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-    return ids[:max_tokens]
 
 
 def _windows(n: int, body: int, stride: int | None, bos: bool) -> Iterator[tuple[int, int, int]]:
@@ -98,7 +85,7 @@ def perplexity(
             f"perplexity stride={stride} must be between 1 and the window's {body} text tokens"
         )
     docs = split_documents(text_or_docs) if isinstance(text_or_docs, str) else text_or_docs
-    stream = _stream(tokenizer, docs, max_tokens)
+    stream = token_stream(tokenizer, docs, max_tokens)[:max_tokens]
     if len(stream) < body:
         raise LayerpruneError(
             f"perplexity text gives {len(stream)} tokens, fewer than one window of "
@@ -123,18 +110,11 @@ def perplexity(
 
 
 def perplexity_of_file(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    path: str | Path,
-    seq_len: int = 2048,
-    stride: int | None = None,
-    batch_size: int = 4,
-    add_bos: bool = True,
-    max_tokens: int | None = None,
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path, **options: Any
 ) -> PerplexityResult:
-    """:func:`perplexity` of a UTF-8 text file such as the data mirror's ``text/wiki.txt``."""
+    """:func:`perplexity` of a UTF-8 text file such as the data mirror's ``text/wiki.txt``;
+    ``options`` are :func:`perplexity`'s (``seq_len``, ``stride``, ``batch_size``, ...)."""
     path = Path(path)
     if not path.is_file():
         raise LayerpruneError(f"perplexity file '{path}' does not exist")
-    text = path.read_text(encoding="utf-8")
-    return perplexity(model, tokenizer, text, seq_len, stride, batch_size, add_bos, max_tokens)
+    return perplexity(model, tokenizer, path.read_text(encoding="utf-8"), **options)

@@ -1,0 +1,180 @@
+"""One pruning job, start to end: load -> score -> plan -> evaluate dense -> prune and recover
+-> evaluate pruned -> write records -> (save the checkpoint) -> log.
+
+A :class:`Job` holds ready-made objects (scorer, calibration, recovery, evaluator, tracker)
+and plain settings; it never sees a Hydra config, so the same job can be built in Python.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from layerprune.cache import JsonCache
+from layerprune.calibration import Calibration
+from layerprune.export import save_checkpoint
+from layerprune.files import read_json, write_json
+from layerprune.layers import layer_param_counts, param_count
+from layerprune.models import LoadedModel
+from layerprune.plots import plot_importance
+from layerprune.records import (
+    config_hash,
+    finished_run,
+    plan_record,
+    run_record,
+    scores_record,
+)
+from layerprune.recovery import Recovery
+from layerprune.resources import Timer, peak_memory, reset_peak_memory
+from layerprune.scoring import Convention, LayerStats, Scorer, collect_layer_stats
+from layerprune.selection import Plan, Sparsity, make_plan
+
+log = logging.getLogger("layerprune")
+SCORES_VERSION = 1  # bump when the statistics' definition changes (invalidates the cache)
+
+
+class Evaluator(Protocol):
+    """Evaluates the dense model before pruning and the pruned one after (see evaluation)."""
+
+    def dense(self, loaded: LoadedModel) -> bool: ...
+
+    def pruned(self, loaded: LoadedModel, out: Path) -> dict[str, Any]: ...
+
+    def table(self, record: dict[str, Any]) -> str: ...
+
+    @property
+    def lm_eval_results(self) -> Any: ...
+
+
+class Tracker(Protocol):
+    def log_run(
+        self, record: dict[str, Any], run_dir: Path, lm_eval_results: Any = None
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    batch_size: int = 8
+    convention: Convention = "residual"
+    cache: bool = True
+
+
+@dataclass
+class Job:
+    """Everything one run needs. ``config`` is the resolved configuration as plain data: it is
+    recorded with the results and hashed to recognise a finished run."""
+
+    load_model: Callable[[], LoadedModel]
+    calibration: Calibration
+    scorer: Scorer
+    sparsity: Sparsity
+    recovery: Recovery
+    evaluator: Evaluator | None
+    tracker: Tracker
+    config: dict[str, Any] = field(default_factory=dict)
+    scoring: ScoringSettings = ScoringSettings()
+    cache_dir: str | None = None
+    runs_dir: Path | None = None
+    save_model: bool = False
+    force: bool = False
+
+
+def layer_stats(
+    loaded: LoadedModel, calibration: Calibration, settings: ScoringSettings, cache_dir: str | None
+) -> tuple[LayerStats, bool]:
+    """Statistics of a (model, calibration) pair: computed once, then read from the cache."""
+    key = {
+        "version": SCORES_VERSION,
+        "model": loaded.fingerprint,
+        "calibration": calibration.identity(),
+        "convention": settings.convention,
+        "batch_size": settings.batch_size,
+    }
+
+    def compute() -> dict[str, Any]:
+        windows = calibration.windows(loaded.tokenizer)
+        log.debug("scoring %d windows of %d tokens", *windows.shape)
+        stats = collect_layer_stats(
+            loaded.model, windows, settings.batch_size, settings.convention, progress=True
+        )
+        return stats.to_dict()
+
+    if not settings.cache:
+        return LayerStats.from_dict(compute()), False
+    payload, hit = JsonCache("scores", cache_dir).get_or_compute(key, compute)
+    return LayerStats.from_dict(payload), hit
+
+
+def plan_for(
+    loaded: LoadedModel, stats: LayerStats, scorer: Scorer, sparsity: Sparsity, layers_added: int
+) -> Plan:
+    """The plan, with the parameter counts read from the model itself."""
+    model = loaded.model
+    return make_plan(
+        scorer, stats, sparsity, layer_param_counts(model), param_count(model), layers_added
+    )
+
+
+def summary(loaded: LoadedModel, plan: Plan, scores_hit: bool) -> str:
+    d = plan.to_dict()
+    return "\n".join(
+        [
+            f"model      {loaded.name}: {plan.num_layers} -> {d['num_layers_after']} layers",
+            f"scorer     {plan.scorer} ({plan.selection}), "
+            f"scores {'from cache' if scores_hit else 'computed'}",
+            f"removed    {plan.removed_layers}",
+            f"params     {plan.params_before:,} -> {plan.params_after:,} "
+            f"(-{d['removed_param_ratio']:.1%} params, -{d['removed_layer_ratio']:.1%} layers)",
+        ]
+    )
+
+
+def run(job: Job, out: Path) -> dict[str, Any]:
+    """Run ``job`` into the folder ``out``; return the metrics.json record (or, when a finished
+    run of the same config exists under ``job.runs_dir``, that run's record)."""
+    key = config_hash(job.config)
+    if not job.force and job.runs_dir and (done := finished_run(job.runs_dir, key)):
+        log.info("skipped: a finished run of this config (hash %s) is in %s", key, done)
+        return dict(read_json(done / "metrics.json"))
+    timer = Timer()
+    reset_peak_memory()
+    with timer.stage("load"):
+        loaded = job.load_model()
+    train_windows = job.recovery.windows(loaded)
+    with timer.stage("score"):
+        stats, scores_hit = layer_stats(loaded, job.calibration, job.scoring, job.cache_dir)
+    plan = plan_for(loaded, stats, job.scorer, job.sparsity, job.recovery.layers_added)
+    if job.evaluator:
+        with timer.stage("eval_dense"):
+            job.evaluator.dense(loaded)
+    with timer.stage("prune_recover"):
+        reports = job.recovery.apply(loaded, plan.removed_layers, train_windows)
+    plan = replace(plan, params_after=param_count(loaded.model))  # net of replacements
+    log.info("%s", summary(loaded, plan, scores_hit))
+    evaluation = None
+    if job.evaluator:
+        with timer.stage("eval_pruned"):
+            evaluation = job.evaluator.pruned(loaded, out)
+        log.info("%s", job.evaluator.table(evaluation))
+    scores = scores_record(loaded, job.calibration, stats, len(plan.removed_layers))
+    write_json(out / "scores.json", scores)
+    planned = plan_record(loaded, plan, job.config)
+    write_json(out / "plan.json", planned)
+    title = f"{loaded.name}: {stats.n_windows} windows x {stats.n_tokens // stats.n_windows} tokens"
+    plot_importance(
+        stats, out / "importance.png", title, len(plan.removed_layers), plan.removed_layers
+    )
+    if job.save_model:
+        with timer.stage("save"):
+            table = job.evaluator.table(evaluation) if job.evaluator and evaluation else None
+            save_checkpoint(
+                loaded, out / "model", plan, job.calibration, reports, evaluation, table
+            )
+    record = run_record(planned, key, scores_hit, reports, evaluation, timer.total(), peak_memory())
+    write_json(out / "metrics.json", record)
+    lm_eval_results = job.evaluator.lm_eval_results if job.evaluator else None
+    job.tracker.log_run({**record, "scores": scores}, out, lm_eval_results)
+    return record
