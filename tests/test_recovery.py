@@ -195,8 +195,9 @@ def test_ffn_round_trips_through_save_recovered(name: str, tmp_path: Path) -> No
     assert reloaded.config.num_hidden_layers == decoder_stack(reloaded).num_layers == 5
     assert reloaded.config.layerprune == model.config.layerprune
     torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-6, rtol=0)
-    rest = AutoModelForCausalLM.from_pretrained(tmp_path)  # the block simply removed
-    assert rest.config.num_hidden_layers == 4
+    # Plain transformers must not load it as the block-pruned model without its replacement.
+    with pytest.raises(ValueError, match=r"layerprune\.recovery\.load_recovered"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 def test_bad_inputs_name_the_step() -> None:
