@@ -65,8 +65,10 @@ class LinearReplacement:
         n_tokens = 0
         batches = stream_block(model, start, size, windows, self.batch_size, taps={"m": down})
         for batch in batches:
-            m = batch.taps["m"].reshape(-1, dim).double()
-            y = (batch.h_out - batch.h_in + batch.taps["m"]).reshape(-1, dim).double()
+            # OPT runs its MLP on (tokens, d): bring M back to the residual's shape.
+            mlp_output = batch.taps["m"].reshape(batch.h_out.shape)
+            m = mlp_output.reshape(-1, dim).double()
+            y = (batch.h_out - batch.h_in + mlp_output).reshape(-1, dim).double()
             gram += (m.T @ m).cpu()
             cross += (m.T @ y).cpu()
             n_tokens += m.shape[0]

@@ -21,7 +21,6 @@ from layerprune.recovery.training import (
     Training,
     lm_loss,
     optimise,
-    split_heldout,
     token_batches,
 )
 
@@ -48,19 +47,16 @@ class LoraHealing(Training):
     weight_decay: float = 0.0
     min_lr: float = 0.0
 
-    def __call__(
-        self,
-        model: PreTrainedModel,
-        removed: list[int],
-        windows: torch.Tensor,
-        heldout: torch.Tensor | None = None,
+    @property
+    def step_name(self) -> str:
+        return "lora"
+
+    def train(
+        self, model: PreTrainedModel, removed: list[int], train: torch.Tensor, heldout: torch.Tensor
     ) -> RecoveryReport:
         """Heal ``model`` in place with merged LoRA adapters."""
         from peft import LoraConfig, get_peft_model
 
-        train, heldout = split_heldout(
-            windows, heldout, self.heldout_fraction, self.batch_size, "lora"
-        )
         per_epoch = math.ceil(len(train) / self.batch_size)
         total = self.steps or per_epoch
         targets = list(self.target_modules or decoder_stack(model).lora_targets())

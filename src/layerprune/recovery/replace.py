@@ -30,7 +30,6 @@ from layerprune.recovery.training import (
     epochs_of,
     heldout_fit,
     optimise,
-    split_heldout,
     token_batches,
 )
 from layerprune.surgery import remove_layers
@@ -91,22 +90,18 @@ class LayerReplacement(Training):
                 f"unknown recovery loss '{self.loss}'; allowed: {', '.join(LOSSES)}"
             )
 
-    def __call__(
-        self,
-        model: PreTrainedModel,
-        removed: list[int],
-        windows: torch.Tensor,
-        heldout: torch.Tensor | None = None,
-    ) -> RecoveryReport:
-        """Replace the block ``removed`` of the dense ``model`` in place by a trained module.
+    @property
+    def step_name(self) -> str:
+        return self.kind
 
-        ``heldout`` windows, if given, replace the last ``heldout_fraction`` of ``windows``.
-        """
+    def check(self, model: PreTrainedModel, removed: list[int]) -> None:
+        check_block(model, *contiguous_block(removed, self.kind), self.kind)
+
+    def train(
+        self, model: PreTrainedModel, removed: list[int], train: torch.Tensor, heldout: torch.Tensor
+    ) -> RecoveryReport:
+        """Replace the block ``removed`` of the dense ``model`` in place by a trained module."""
         start, size = contiguous_block(removed, self.kind)
-        check_block(model, start, size, self.kind)
-        train, heldout = split_heldout(
-            windows, heldout, self.heldout_fraction, self.batch_size, self.kind
-        )
         stack = decoder_stack(model)
         dtype = next(model.parameters()).dtype
         with torch.random.fork_rng(devices=[]):
@@ -118,7 +113,7 @@ class LayerReplacement(Training):
 
         fit = {"identity": lambda b: b.h_in, "f": apply}
         before = heldout_fit(model, start, size, heldout, self.batch_size, fit)
-        result = self._train(model, start, size, train, f, apply)
+        result = self._optimise(model, start, size, train, f, apply)
         after = heldout_fit(model, start, size, heldout, self.batch_size, {"f": apply})
 
         module = f.module.to(dtype).requires_grad_(False)
@@ -148,7 +143,7 @@ class LayerReplacement(Training):
         remove_layers(model, range(start + 1, start + size))
         return report
 
-    def _train(
+    def _optimise(
         self,
         model: PreTrainedModel,
         start: int,

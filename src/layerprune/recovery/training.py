@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from layerprune.errors import LayerpruneError
 from layerprune.recovery.activations import BlockBatch, stream_block
+from layerprune.recovery.report import RecoveryReport
 
 
 @dataclass
@@ -61,6 +62,34 @@ class Training:
     @property
     def schedule(self) -> Schedule:
         return Schedule(self.lr, self.weight_decay, self.warmup_ratio, self.min_lr, self.grad_clip)
+
+    @property
+    def step_name(self) -> str:
+        """How errors and progress bars name the step."""
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        model: PreTrainedModel,
+        removed: list[int],
+        windows: torch.Tensor,
+        heldout: torch.Tensor | None = None,
+    ) -> RecoveryReport:
+        """Apply the step in place; ``heldout`` replaces the last ``heldout_fraction`` windows."""
+        self.check(model, removed)
+        train, heldout = split_heldout(
+            windows, heldout, self.heldout_fraction, self.batch_size, self.step_name
+        )
+        return self.train(model, removed, train, heldout)
+
+    def check(self, model: PreTrainedModel, removed: list[int]) -> None:
+        """Refuse a model or selection the step cannot work on, before any training."""
+
+    def train(
+        self, model: PreTrainedModel, removed: list[int], train: torch.Tensor, heldout: torch.Tensor
+    ) -> RecoveryReport:
+        """Train on ``train``, report figures on ``heldout``; the step's own work."""
+        raise NotImplementedError
 
     def reported(self, **own: Any) -> dict[str, Any]:
         """A report's ``settings``: the step's own, then batch size, schedule and seed."""
