@@ -20,7 +20,7 @@ from scoring_overhead import ROOT
 
 from layerprune.calibration import TextFile
 from layerprune.models import LoadedModel
-from layerprune.recovery import replace_block
+from layerprune.recovery import LayerReplacement
 from layerprune.resources import measure
 
 
@@ -44,16 +44,9 @@ def child(args: argparse.Namespace) -> None:
     report = {}
 
     def run() -> None:
-        _, r = replace_block(
-            loaded.model,
-            args.start,
-            args.size,
-            "layer",
-            train_ids,
-            heldout=heldout_ids,
-            batch_size=args.batch_size,
-            progress=False,
-        )
+        step = LayerReplacement(kind="layer", batch_size=args.batch_size, progress=False)
+        block = list(range(args.start, args.start + args.size))
+        r = step(loaded.model, block, train_ids, heldout=heldout_ids)
         report.update(r.to_dict())
 
     _, seconds, peak = measure(run, device)

@@ -34,10 +34,10 @@ PRESETS = {
 def test_preset_sets_its_papers_method(name: str) -> None:
     cfg = compose_config([f"experiment={name}", "recovery.train_data.n=8"])  # as the sweeps allow
     scorer = build(cfg.scorer)
-    steps = [(s._target_.rsplit(".", 1)[-1], s.get("kind")) for s in cfg.recovery.steps]
+    steps = [(s._target_.rsplit(".", 1)[-1], s.get("kind")) for s in cfg.recovery.steps.values()]
     assert (scorer.name, scorer.selection, steps) == PRESETS[name]
     assert (cfg.method, cfg.recovery.train_data.n) == (name, 8)
-    assert all(s.loss == "mse" for s in cfg.recovery.steps if s.get("kind"))  # LLM-Streamline
+    assert all(s.loss == "mse" for s in cfg.recovery.steps.values() if s.get("kind"))  # LLM-Streamline
 
 
 def test_presets_data_and_sparsity() -> None:

@@ -18,15 +18,12 @@ from layerprune.recovery import (
     LinearReplacement,
     LoraHealing,
     Recovery,
+    RecoveryStep,
     contiguous_block,
     load_recovered,
-    lora_heal,
-    replace_block,
-    replace_linear,
     save_recovered,
     stream_block,
 )
-from layerprune.recovery.linear import fit_linear
 
 from .conftest import MIRROR, compose_config, load
 from .surgery_checks import logits, skip_reference
@@ -107,11 +104,11 @@ def test_linear_fit_is_least_squares_and_folds_exactly(mlp_bias: bool) -> None:
     start, size, windows = 2, 2, tokens(8)
     m, h_i, y = naive_mlp_fit(model, start, size, windows)
     expected = torch.linalg.lstsq(m, y).solution
-    got, n_tokens = fit_linear(model, start, size, windows, batch_size=3)
+    got, n_tokens = LinearReplacement(batch_size=3).fit(model, start, size, windows)
     assert n_tokens == windows.numel()
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
-    replace_linear(model, start, size, windows, batch_size=3)
+    LinearReplacement(batch_size=3)(model, [2, 3], windows)
     assert model.config.num_hidden_layers == 4
     folded = model(input_ids=windows, output_hidden_states=True).hidden_states[start]
     by_hand = m @ expected + (h_i - m)
@@ -122,9 +119,9 @@ def test_linear_fit_is_least_squares_and_folds_exactly(mlp_bias: bool) -> None:
 
 def test_linear_errors() -> None:
     with pytest.raises(LayerpruneError, match=r"Gemma3DecoderLayer.*post_feedforward_layernorm"):
-        replace_linear(load("tiny_gemma3").model, 2, 2, tokens(4))
+        LinearReplacement()(load("tiny_gemma3").model, [2, 3], tokens(4))
     with pytest.raises(LayerpruneError, match="block start 0 has none"):
-        replace_linear(load("tiny_llama").model, 0, 2, tokens(4))
+        LinearReplacement()(load("tiny_llama").model, [0, 1], tokens(4))
 
 
 @pytest.mark.parametrize("kind", ["layer", "swiglu", "ffn"])
@@ -133,9 +130,8 @@ def test_training_reduces_heldout_mse(kind: str) -> None:
     wiki = TextFile(n=40, seq_len=32, path=str(MIRROR / "text" / "wiki.txt"))
     windows = wiki.windows(byte_tokenizer())
     model = load("tiny_llama").model
-    _, report = replace_block(
-        model, 1, 3, kind, windows[:32], epochs=4, lr=3e-3, heldout=windows[32:], **FAST
-    )
+    step = LayerReplacement(kind=kind, epochs=4, lr=3e-3, **FAST)
+    report = step(model, [1, 2, 3], windows[:32], heldout=windows[32:])
     assert report.heldout_mse_after < 0.7 * report.heldout_mse_before
     assert report.heldout_cosine_after > report.heldout_cosine_before
     assert (report.steps, report.train_windows, report.heldout_windows) == (32, 32, 8)
@@ -162,7 +158,7 @@ def test_replaced_model_is_the_dense_one_with_the_module_in_place(
 ) -> None:
     model = load(name).model
     dense = skip_reference(model, [2, 3])  # the block's other layers bypassed
-    replace_block(model, 1, 3, kind, tokens(12), loss="lm", **FAST)
+    LayerReplacement(kind=kind, loss="lm", **FAST)(model, [1, 2, 3], tokens(12))
     decoder_stack(dense).layers[1] = decoder_stack(model).layers[1]
     ids = tokens(2, seq_len=20, seed=5)  # longer than Gemma3's sliding window of 8
     torch.testing.assert_close(logits(model, ids), logits(dense, ids), atol=1e-6, rtol=0)
@@ -174,8 +170,8 @@ def test_replaced_model_is_the_dense_one_with_the_module_in_place(
 
 def test_linear_and_lora_round_trip(tmp_path: Path) -> None:
     model = load("tiny_llama").model
-    replace_linear(model, 2, 2, tokens(6))
-    _, report = lora_heal(model, tokens(12), steps=3, lr=1e-3, **FAST)
+    LinearReplacement()(model, [2, 3], tokens(6))
+    report = LoraHealing(steps=3, lr=1e-3, **FAST)(model, [], tokens(12))
     assert report.steps == 3 and report.heldout_lm_loss_after is not None
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert [s["method"] for s in model.config.layerprune_recovery["steps"]] == [
@@ -188,7 +184,7 @@ def test_linear_and_lora_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma3"])
 def test_ffn_round_trips_through_save_recovered(name: str, tmp_path: Path) -> None:
     model = load(name).model
-    replace_block(model, 2, 2, "ffn", tokens(12), lr=1e-2, **FAST)
+    LayerReplacement(kind="ffn", lr=1e-2, **FAST)(model, [2, 3], tokens(12))
     ids = tokens(2, seq_len=20, seed=5)
     expected = logits(model, ids)
     config = model.config.to_dict()
@@ -199,8 +195,9 @@ def test_ffn_round_trips_through_save_recovered(name: str, tmp_path: Path) -> No
     assert reloaded.config.num_hidden_layers == decoder_stack(reloaded).num_layers == 5
     assert reloaded.config.layerprune == model.config.layerprune
     torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-6, rtol=0)
-    rest = AutoModelForCausalLM.from_pretrained(tmp_path)  # the block simply removed
-    assert rest.config.num_hidden_layers == 4
+    # Plain transformers must not load it as the block-pruned model without its replacement.
+    with pytest.raises(ValueError, match=r"layerprune\.recovery\.load_recovered"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 def test_bad_inputs_name_the_step() -> None:
@@ -211,15 +208,15 @@ def test_bad_inputs_name_the_step() -> None:
         LayerReplacement()(model, [3, 1], tokens(12))
     assert contiguous_block([4, 2, 3]) == (2, 3)
     with pytest.raises(LayerpruneError, match="needs at least batch_size=4 training windows"):
-        replace_block(model, 1, 2, "ffn", tokens(4), **FAST)
+        LayerReplacement(kind="ffn", **FAST)(model, [1, 2], tokens(4))
     with pytest.raises(
         LayerpruneError, match="unknown recovery kind 'mlp'; allowed: layer, swiglu, ffn"
     ):
-        replace_block(model, 1, 2, "mlp", tokens(12), **FAST)
+        LayerReplacement(kind="mlp", **FAST)
     with pytest.raises(LayerpruneError, match="unknown recovery loss 'l1'; allowed: mse, lm"):
-        replace_block(model, 1, 2, "layer", tokens(12), loss="l1", **FAST)
+        LayerReplacement(kind="layer", loss="l1", **FAST)
     with pytest.raises(LayerpruneError, match=r"block \[5, 7\) is out of range"):
-        replace_block(model, 5, 2, "layer", tokens(12), **FAST)
+        LayerReplacement(**FAST)(model, [5, 6], tokens(12))
 
 
 @pytest.mark.parametrize("loss", ["mse", "lm"])
@@ -229,12 +226,12 @@ def test_diverging_loss_stops_and_leaves_the_model_unchanged(loss: str) -> None:
     with pytest.raises(
         LayerpruneError, match=r"recovery 'layer': the loss became (nan|inf) at step 2 of"
     ):
-        replace_block(model, 1, 2, "layer", tokens(12), loss=loss, lr=1e30, **FAST)
+        LayerReplacement(loss=loss, lr=1e30, **FAST)(model, [1, 2], tokens(12))
     assert_unchanged(model, before, 6)
     with pytest.raises(
         LayerpruneError, match=r"recovery 'lora': the loss became (nan|inf) at step \d"
     ):
-        lora_heal(model, tokens(12), steps=3, lr=1e30, **FAST)
+        LoraHealing(steps=3, lr=1e30, **FAST)(model, [], tokens(12))
     assert_unchanged(model, before, 6)
 
 
@@ -243,27 +240,67 @@ def test_recovery_configs_instantiate_callable_steps(name: str) -> None:
     cfg = compose_config([f"recovery={name}", "recovery.train_data=null"])
     recovery = Recovery(**build(cfg.recovery))
     steps = recovery.steps
-    assert all(isinstance(s, (LayerReplacement, LinearReplacement, LoraHealing)) for s in steps)
-    assert [s.prunes for s in steps] == sorted((s.prunes for s in steps), reverse=True)
+    assert isinstance(steps, dict) and list(steps) == list(cfg.recovery.steps)
+    assert all(isinstance(s, RecoveryStep) for s in steps.values())
     if steps:
         path = compose_config([f"recovery={name}"]).recovery.train_data.path
         assert path.endswith("text/wiki.txt")
     loaded = load("tiny_llama")
-    recovery.steps = [
-        s if isinstance(s, LinearReplacement) else dataclasses.replace(s, **FAST, lr=1e-3)
-        for s in steps
-    ]
+    recovery.steps = {
+        k: s if isinstance(s, LinearReplacement) else dataclasses.replace(s, **FAST, lr=1e-3)
+        for k, s in steps.items()
+    }
     recovery.train_data = TinyWindows(tokens(10))
     removed = [2, 3]
     reports = recovery.apply(loaded, removed, recovery.windows(loaded))
     assert len(reports) == len(steps) and all(r["method"] for r in reports)
     model = loaded.model
-    net = len(removed) - sum(s.layers_added for s in steps)
+    net = len(removed) - sum(s.layers_added for s in steps.values())
     assert model.config.num_hidden_layers == decoder_stack(model).num_layers == 6 - net
 
 
+@pytest.mark.parametrize(
+    ("step", "cls"),
+    [("layer", LayerReplacement), ("swiglu", LayerReplacement), ("ffn", LayerReplacement),
+     ("linear", LinearReplacement), ("lora", LoraHealing)],
+)  # fmt: skip
+def test_step_configs_hold_the_step_defaults(step: str, cls: type) -> None:
+    """A step YAML lists every setting, with the dataclass default, so none can drift."""
+    cfg = compose_config([f"+recovery/step@step={step}", "seed=0"])
+    built = build(cfg.step)
+    expected = cls(kind=step) if cls is LayerReplacement else cls()
+    assert built == expected
+    listed = set(cfg.step) - {"_target_"}
+    assert listed == {f.name for f in dataclasses.fields(cls)} - {"progress"}
+
+
+def test_a_step_setting_is_overridden_by_its_name() -> None:
+    cfg = compose_config(["recovery=layer_lora", "recovery.steps.replace.lr=1e-4",
+                          "recovery.steps.lora.rank=4", "seed=3"])  # fmt: skip
+    steps = Recovery(**build(cfg.recovery)).steps
+    assert isinstance(steps, dict)
+    assert (steps["replace"].lr, steps["replace"].seed) == (1e-4, 3)
+    assert (steps["lora"].rank, steps["lora"].lr) == (4, 2e-4)
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        {"lora": LoraHealing(), "replace": LayerReplacement()},
+        {"replace": LayerReplacement(), "linear": LinearReplacement()},
+    ],
+)
+def test_a_pruning_step_must_come_first_and_alone(steps: dict[str, RecoveryStep]) -> None:
+    order = ", ".join(f"{k} ({type(s).__name__})" for k, s in steps.items())
+    with pytest.raises(LayerpruneError, match="at most one step that prunes") as error:
+        Recovery(steps=steps, train_data=None)
+    assert f"run in the order {order};" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert Recovery(steps=[LayerReplacement(), LoraHealing(), LoraHealing()], train_data=None)
+
+
 def test_recovery_steps_without_training_text_are_one_clear_error() -> None:
-    recovery = Recovery(steps=[LoraHealing()], train_data=None)
+    recovery = Recovery(steps={"lora": LoraHealing()}, train_data=None)
     with pytest.raises(LayerpruneError, match="LoraHealing train on text, but train_data is null"):
         recovery.windows(load("tiny_llama"))
-    assert Recovery(steps=[], train_data=None).windows(load("tiny_llama")) is None
+    assert Recovery(steps={}, train_data=None).windows(load("tiny_llama")) is None

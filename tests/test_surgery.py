@@ -64,3 +64,40 @@ def test_bad_removals_are_rejected(removed: list[int]) -> None:
 def test_unknown_architecture_is_a_clear_error() -> None:
     with pytest.raises(LayerpruneError, match="cannot find the decoder layers of Linear"):
         decoder_stack(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+
+
+# Surgery acceptance on more layouts: OPT (model.decoder, fc1/fc2, learned positions), Mistral
+# (one sliding window for every layer) and Qwen3 (per-layer layer_types, q/k norms).
+MORE_TINY_MODELS = ["tiny_opt", "tiny_mistral", "tiny_qwen3"]
+
+
+@pytest.mark.parametrize("name", MORE_TINY_MODELS)
+@pytest.mark.parametrize("removed", [[1, 2], [0, 3, 5]])
+def test_pruned_model_of_more_architectures_is_correct(
+    name: str, removed: list[int], tmp_path
+) -> None:
+    loaded = load(name)
+    check_pruned_model(loaded.model, removed, sample_ids(len(loaded.tokenizer)), tmp_path, 1e-5)
+
+
+def test_qwen3_layer_types_are_sliced_and_attention_renumbered() -> None:
+    model = load("tiny_qwen3").model
+    before = list(model.config.layer_types)
+    assert len(set(before)) == 2  # both kinds, so a stale list would change the masks
+    remove_layers(model, [0, 3])
+    assert model.config.layer_types == [before[i] for i in (1, 2, 4, 5)]
+    assert [layer.self_attn.layer_idx for layer in decoder_stack(model).layers] == [0, 1, 2, 3]
+
+
+def test_opt_attention_is_renumbered() -> None:
+    model = load("tiny_opt").model
+    remove_layers(model, [1, 4])
+    assert [layer.self_attn.layer_idx for layer in model.model.decoder.layers] == [0, 1, 2, 3]
+    assert model.config.num_hidden_layers == 4
+
+
+def test_post_norm_opt_is_refused_clearly() -> None:
+    model = load("tiny_opt", **{"config.do_layer_norm_before": "false"}).model
+    assert model.model.decoder.final_layer_norm is None
+    with pytest.raises(LayerpruneError, match=r"OPTForCausalLM has no final norm.*opt-350m"):
+        decoder_stack(model)

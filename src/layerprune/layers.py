@@ -1,8 +1,13 @@
 """One interface over the decoder stacks of many architectures.
 
 Llama, Mistral, Qwen2/Qwen3 and Gemma3 (and most decoder-only models in transformers) keep
-their blocks in ``<base>.layers`` and the final norm in ``<base>.norm``; GPT-2-style models use
+their blocks in ``<base>.layers`` and the final norm in ``<base>.norm``; OPT uses
+``model.decoder.layers`` / ``model.decoder.final_layer_norm``; GPT-2-style models use
 ``transformer.h`` / ``transformer.ln_f``.
+
+Recovery needs a few parts inside a decoder layer (the attention, its output projection, the
+MLP's down projection). Their names differ between families, so they are looked up here, and
+no recovery module names an architecture's internals.
 """
 
 from __future__ import annotations
@@ -18,9 +23,32 @@ from layerprune.errors import LayerpruneError
 _LAYOUTS = (
     ("model", "layers", "norm"),
     ("model.language_model", "layers", "norm"),
+    ("model.decoder", "layers", "final_layer_norm"),
     ("transformer", "h", "ln_f"),
     ("gpt_neox", "layers", "final_layer_norm"),
 )
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """Dotted names, inside one decoder layer, of the parts recovery works on."""
+
+    family: str
+    attention: str  # the self-attention module
+    attention_norm: str  # the norm in front of it (pre-norm layers)
+    attention_out: str  # its output projection, whose output joins the residual
+    mlp_out: str  # the MLP's down projection, whose output joins the residual
+
+
+_PARTS = (
+    LayerParts(
+        "Llama/Qwen/Gemma", "self_attn", "input_layernorm", "self_attn.o_proj", "mlp.down_proj"
+    ),
+    LayerParts("OPT", "self_attn", "self_attn_layer_norm", "self_attn.out_proj", "fc2"),
+)
+# Norms applied to the MLP output before it joins the residual (Gemma3): a linear map on the
+# down projection's output cannot pass through them.
+_POST_MLP_NORMS = ("post_feedforward_layernorm",)
 
 
 def _get(obj: object, dotted: str) -> object | None:
@@ -61,19 +89,81 @@ class DecoderStack:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def norm_eps(self) -> float:
+        """The final norm's epsilon, for new norms that should behave like the model's own."""
+        owners: list[tuple[object, str]] = [(self.norm, "eps"), (self.norm, "variance_epsilon")]
+        owners += [(self.config, "rms_norm_eps"), (self.config, "layer_norm_eps")]
+        for owner, attr in owners:
+            value = getattr(owner, attr, None)
+            if isinstance(value, float):
+                return value
+        return 1e-6
+
+    def lora_targets(self) -> tuple[str, ...]:
+        """Leaf names of the linear modules in the decoder layers, in order of first use.
+
+        peft matches ``target_modules`` by these names, so adapting every linear of every
+        layer (attention and MLP) needs no per-architecture list.
+        """
+        names: dict[str, None] = {}
+        for layer in self.layers:
+            for name, module in layer.named_modules():
+                if isinstance(module, nn.Linear):
+                    names[name.rsplit(".", 1)[-1]] = None
+        return tuple(names)
+
+    def parts(self, index: int, step: str) -> LayerParts:
+        """The part names of layer ``index``; ``step`` names who asks, for the error."""
+        layer = self.layers[index]
+        for parts in _PARTS:
+            names = (parts.attention_out, parts.mlp_out)
+            if all(isinstance(_get(layer, name), nn.Linear) for name in names):
+                return parts
+        known = "; ".join(f"{p.family}: {p.attention_out}, {p.mlp_out}" for p in _PARTS)
+        raise LayerpruneError(
+            f"recovery '{step}' cannot find the attention and MLP output projections of "
+            f"{type(layer).__name__}; known layouts: {known}"
+        )
+
+    def _linear(self, index: int, name: str) -> nn.Linear:
+        module = self.layers[index].get_submodule(name)
+        assert isinstance(module, nn.Linear)
+        return module
+
+    def attention_out(self, index: int, step: str) -> nn.Linear:
+        """The attention's output projection in layer ``index``."""
+        return self._linear(index, self.parts(index, step).attention_out)
+
+    def mlp_out(self, index: int, step: str) -> nn.Linear:
+        """The MLP's down projection in layer ``index``: its output is what the MLP adds."""
+        return self._linear(index, self.parts(index, step).mlp_out)
+
+    def post_mlp_norm(self, index: int) -> str | None:
+        """The name of a norm between the MLP output and the residual in layer ``index``."""
+        layer = self.layers[index]
+        return next((n for n in _POST_MLP_NORMS if isinstance(_get(layer, n), nn.Module)), None)
+
 
 def decoder_stack(model: PreTrainedModel) -> DecoderStack:
     for base_path, layers_attr, norm_attr in _LAYOUTS:
         base = _get(model, base_path)
         layers = getattr(base, layers_attr, None) if base is not None else None
-        norm = getattr(base, norm_attr, None) if base is not None else None
-        if isinstance(layers, nn.ModuleList) and isinstance(norm, nn.Module):
-            assert isinstance(base, nn.Module)
-            return DecoderStack(model, base, layers_attr, norm)
+        if not isinstance(layers, nn.ModuleList):
+            continue
+        assert isinstance(base, nn.Module)
+        norm = getattr(base, norm_attr, None)
+        if not isinstance(norm, nn.Module):
+            raise LayerpruneError(
+                f"{type(model).__name__} has no final norm ({base_path}.{norm_attr} is None): a "
+                "post-norm model (OPT with do_layer_norm_before=False, e.g. opt-350m) has no "
+                "residual stream to score or prune; allowed: pre-norm models"
+            )
+        return DecoderStack(model, base, layers_attr, norm)
     tried = ", ".join(f"{b}.{la}" for b, la, _ in _LAYOUTS)
     raise LayerpruneError(
         f"cannot find the decoder layers of {type(model).__name__}; supported layouts: {tried} "
-        "(Llama, Mistral, Qwen2/Qwen3, Gemma3 and similar)"
+        "(Llama, Mistral, Qwen2/Qwen3, Gemma3, OPT and similar)"
     )
 
 

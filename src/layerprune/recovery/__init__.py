@@ -1,21 +1,18 @@
 """Recovering what depth pruning lost: block replacement, a linear fold, LoRA healing.
 
-Plain Python API; ``conf/recovery`` instantiates the :mod:`~layerprune.recovery.steps`.
+Plain Python API: each step is a dataclass of its settings, called on the model, e.g.
+``LayerReplacement(kind="layer", lr=1e-4)(model, removed, windows)``. ``conf/recovery``
+instantiates them into a :class:`~layerprune.recovery.steps.Recovery`.
 """
 
 from layerprune.recovery.activations import BlockBatch, contiguous_block, stream_block
 from layerprune.recovery.checkpoint import load_recovered, save_recovered
-from layerprune.recovery.linear import replace_linear
-from layerprune.recovery.lora import lora_heal
+from layerprune.recovery.linear import LinearReplacement
+from layerprune.recovery.lora import LoraHealing
 from layerprune.recovery.modules import FFNReplacement
-from layerprune.recovery.replace import replace_block
+from layerprune.recovery.replace import LayerReplacement
 from layerprune.recovery.report import RecoveryReport
-from layerprune.recovery.steps import (
-    LayerReplacement,
-    LinearReplacement,
-    LoraHealing,
-    Recovery,
-)
+from layerprune.recovery.steps import Recovery, RecoveryStep
 
 __all__ = [
     "BlockBatch",
@@ -25,11 +22,9 @@ __all__ = [
     "LoraHealing",
     "Recovery",
     "RecoveryReport",
+    "RecoveryStep",
     "contiguous_block",
     "load_recovered",
-    "lora_heal",
-    "replace_block",
-    "replace_linear",
     "save_recovered",
     "stream_block",
 ]

@@ -10,7 +10,11 @@ A transformers checkpoint rebuilds every decoder layer from one config: the same
 * ``layerprune_replacement.safetensors`` with the modules' weights, and
 * a ``layerprune_replacement`` config entry saying where each slot goes,
 
-and :func:`load_recovered` puts the modules back in their slots.
+and :func:`load_recovered` puts the modules back in their slots. Loaded alone, the rest would
+silently be the block-pruned model WITHOUT its replacement, so ``config.json`` names a
+``model_type`` (and ``architectures``) transformers does not know: plain ``from_pretrained``
+fails, and its error quotes the model type, which names :func:`load_recovered`. The real ones
+are kept in the ``layerprune_checkpoint`` entry, from which :func:`load_recovered` restores them.
 """
 
 from __future__ import annotations
@@ -20,15 +24,17 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from layerprune.files import atomic_write
+from layerprune.files import atomic_write, read_json, write_json
 from layerprune.layers import decoder_stack
 from layerprune.recovery.modules import FFNReplacement
 from layerprune.surgery import PRUNING_RECORD, per_layer_lists, remove_layers, renumber
 
 WEIGHTS = "layerprune_replacement.safetensors"
 RECORD = "layerprune_replacement"
+IDENTITY = "layerprune_checkpoint"  # config.json entry holding the real model type
+MODEL_TYPE = "layerprune_recovered (load it with layerprune.recovery.load_recovered)"
 
 
 def _configs(model: PreTrainedModel) -> list[Any]:
@@ -68,6 +74,7 @@ def save_recovered(model: PreTrainedModel, path: str | Path) -> Path:
         record = {"slots": entries, PRUNING_RECORD: snapshots[0][1].get(PRUNING_RECORD)}
         setattr(stack.config, RECORD, record)
         model.save_pretrained(path)
+        _hide_model_type(path / "config.json")
         atomic_write(path / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
     finally:
         stack.layers = layers
@@ -79,9 +86,33 @@ def save_recovered(model: PreTrainedModel, path: str | Path) -> Path:
     return path
 
 
+def _hide_model_type(config_json: Path) -> None:
+    """Give ``config.json`` a model type transformers refuses, keeping the real one aside."""
+    config = read_json(config_json)
+    config[IDENTITY] = {key: config.get(key) for key in ("model_type", "architectures")}
+    config["model_type"] = MODEL_TYPE
+    config["architectures"] = [MODEL_TYPE]
+    write_json(config_json, config)
+
+
+def _real_config(path: Path) -> PretrainedConfig | None:
+    """The config of a :func:`save_recovered` folder with its real model type; None if standard."""
+    config_dict, _ = PretrainedConfig.get_config_dict(str(path))
+    identity = config_dict.pop(IDENTITY, None)
+    if identity is None:
+        return None
+    config_dict.update(identity)
+    config = CONFIG_MAPPING[identity["model_type"]].from_dict(config_dict)
+    assert isinstance(config, PretrainedConfig)
+    return config
+
+
 def load_recovered(path: str | Path, **kwargs: Any) -> PreTrainedModel:
     """Load a folder written by :func:`save_recovered`; ``kwargs`` go to ``from_pretrained``."""
     path = Path(path)
+    config = _real_config(path)
+    if config is not None:
+        kwargs = {**kwargs, "config": config}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     stack = decoder_stack(model)
     record = getattr(stack.config, RECORD, None)

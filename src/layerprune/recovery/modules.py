@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from layerprune.errors import LayerpruneError
+from layerprune.layers import DecoderStack
 
 KINDS = ("layer", "swiglu", "ffn")
 
@@ -34,7 +35,7 @@ KINDS = ("layer", "swiglu", "ffn")
 class FFNReplacement(nn.Module):
     """h + down(ReLU(up(norm(h)))), called like a transformers 5 decoder layer.
 
-    Decoder layers of Llama, Qwen2 and Gemma3 in transformers 5 take the hidden states first
+    Decoder layers of Llama, Qwen, Gemma3 and OPT in transformers 5 take the hidden states first
     (masks, rotary embeddings etc. as keyword arguments) and return the hidden states tensor.
     """
 
@@ -73,30 +74,26 @@ class Float32(nn.Module):
         return out.to(hidden_states.dtype)
 
 
-def build_replacement(kind: str, layer: nn.Module, hidden_size: int, eps: float) -> nn.Module:
-    """The untrained module for ``kind``, its trainable parameters requiring grad."""
+def build_replacement(kind: str, stack: DecoderStack, index: int) -> nn.Module:
+    """The untrained module for ``kind`` replacing a block that starts at layer ``index``.
+
+    Its trainable parameters require grad.
+    """
+    layer = stack.layers[index]
     if kind == "ffn":
-        module: nn.Module = FFNReplacement(hidden_size, eps)
+        module: nn.Module = FFNReplacement(stack.config.hidden_size, stack.norm_eps)
         param = next(layer.parameters())
         return module.to(device=param.device, dtype=param.dtype)
     if kind not in KINDS:
         raise LayerpruneError(f"unknown recovery kind '{kind}'; allowed: {', '.join(KINDS)}")
     module = copy.deepcopy(layer).requires_grad_(True)
     if kind == "swiglu":
-        attn = getattr(layer, "self_attn", None)
-        out_proj = getattr(attn, "o_proj", None)
-        if not isinstance(out_proj, nn.Linear):
-            raise LayerpruneError(
-                f"recovery 'swiglu' needs a layer with self_attn.o_proj (Llama, Qwen2, Gemma3 "
-                f"style); {type(layer).__name__} has none: use kind 'layer' or 'ffn'"
-            )
+        parts = stack.parts(index, "swiglu")
         with torch.no_grad():
-            for p in module.get_submodule("self_attn.o_proj").parameters():
+            for p in module.get_submodule(parts.attention_out).parameters():
                 p.zero_()
         # Nothing before the zero projection can get a gradient; freezing it also keeps weight
         # decay from shrinking those (unused) weights.
-        module.get_submodule("self_attn").requires_grad_(False)
-        norm = getattr(module, "input_layernorm", None)
-        if isinstance(norm, nn.Module):
-            norm.requires_grad_(False)
+        module.get_submodule(parts.attention).requires_grad_(False)
+        module.get_submodule(parts.attention_norm).requires_grad_(False)
     return module

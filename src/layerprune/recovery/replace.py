@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +21,17 @@ from transformers import PreTrainedModel
 
 from layerprune.errors import LayerpruneError
 from layerprune.layers import decoder_stack
-from layerprune.recovery.activations import BlockBatch, check_block, stream_block
+from layerprune.recovery.activations import BlockBatch, check_block, contiguous_block, stream_block
 from layerprune.recovery.modules import KINDS, Float32, build_replacement
 from layerprune.recovery.report import RecoveryReport, record_recovery
-from layerprune.recovery.training import Schedule, optimise
+from layerprune.recovery.training import (
+    Training,
+    TrainResult,
+    epochs_of,
+    heldout_fit,
+    optimise,
+    token_batches,
+)
 from layerprune.surgery import remove_layers
 
 LOSSES = ("mse", "lm")
@@ -33,53 +40,6 @@ LOSSES = ("mse", "lm")
 class _Skip(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return hidden_states
-
-
-def split_heldout(
-    windows: torch.Tensor, heldout: torch.Tensor | None, fraction: float, batch_size: int, step: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training and held-out windows; the last ``fraction`` is held out unless given."""
-    if heldout is None:
-        n_held = max(1, round(fraction * len(windows)))
-        windows, heldout = windows[:-n_held], windows[len(windows) - n_held :]
-    if len(windows) < batch_size:
-        raise LayerpruneError(
-            f"recovery '{step}' needs at least batch_size={batch_size} training windows (one "
-            f"batch); got {len(windows)} after holding out {len(heldout)}: give more windows "
-            "or a smaller batch_size"
-        )
-    return windows, heldout
-
-
-def epochs_of(windows: torch.Tensor, epochs: int, seed: int) -> Iterator[torch.Tensor]:
-    """The windows, reshuffled (seeded) for each epoch."""
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        yield windows[torch.randperm(len(windows), generator=gen)]
-
-
-@torch.no_grad()
-def heldout_fit(
-    model: PreTrainedModel,
-    start: int,
-    size: int,
-    heldout: torch.Tensor,
-    batch_size: int,
-    fns: dict[str, Callable[[BlockBatch], torch.Tensor]],
-) -> dict[str, tuple[float, float]]:
-    """Mean squared error and mean token cosine of each ``fns[name](batch)`` against h_out."""
-    sq = dict.fromkeys(fns, 0.0)
-    cos = dict.fromkeys(fns, 0.0)
-    n_values = n_tokens = 0
-    for batch in stream_block(model, start, size, heldout, batch_size):
-        target = batch.h_out.double()
-        for name, fn in fns.items():
-            pred = fn(batch).double()
-            sq[name] += float(((pred - target) ** 2).sum())
-            cos[name] += float(F.cosine_similarity(pred, target, dim=-1).sum())
-        n_values += target.numel()
-        n_tokens += target.numel() // target.shape[-1]
-    return {name: (sq[name] / n_values, cos[name] / n_tokens) for name in fns}
 
 
 @contextmanager
@@ -103,105 +63,111 @@ def _in_place_of_block(
             p.requires_grad_(flag)
 
 
-def replace_block(
-    model: PreTrainedModel,
-    start: int,
-    size: int,
-    kind: str,
-    windows: torch.Tensor,
-    loss: str = "mse",
-    heldout: torch.Tensor | None = None,
-    heldout_fraction: float = 0.1,
-    epochs: int = 1,
-    batch_size: int = 8,
-    lr: float = 2e-4,
-    weight_decay: float = 1e-3,
-    warmup_ratio: float = 0.05,
-    min_lr: float = 5e-5,
-    grad_clip: float = 1.0,
-    seed: int = 0,
-    progress: bool = True,
-) -> tuple[PreTrainedModel, RecoveryReport]:
-    """Replace layers ``[start, start + size)`` of the dense ``model`` by one trained module.
+@dataclass(kw_only=True)
+class LayerReplacement(Training):
+    """LLM-Streamline: one trained module (``kind`` layer | swiglu | ffn) replaces the block.
 
-    The model is modified in place (and returned). With ``kind='layer'`` or ``'swiglu'`` the
-    module is a decoder layer, so removing n layers net takes a block of n + 1.
+    Gets the dense model and removes the block itself (it trains on the dense states). With
+    ``kind='layer'`` or ``'swiglu'`` the module is a decoder layer, so removing n layers net
+    takes a block of n + 1.
     """
-    if kind not in KINDS:
-        raise LayerpruneError(f"unknown recovery kind '{kind}'; allowed: {', '.join(KINDS)}")
-    if loss not in LOSSES:
-        raise LayerpruneError(f"unknown recovery loss '{loss}'; allowed: {', '.join(LOSSES)}")
-    check_block(model, start, size, kind)
-    train, heldout = split_heldout(windows, heldout, heldout_fraction, batch_size, kind)
-    schedule = Schedule(lr, weight_decay, warmup_ratio, min_lr, grad_clip)
-    stack = decoder_stack(model)
-    dtype = next(model.parameters()).dtype
-    eps = float(getattr(stack.config, "rms_norm_eps", 1e-6))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        f = Float32(build_replacement(kind, stack.layers[start], stack.config.hidden_size, eps))
 
-    def apply(batch: BlockBatch) -> torch.Tensor:
-        return f(batch.h_in, **batch.layer_kwargs)
+    prunes: ClassVar[bool] = True
+    contiguous: ClassVar[bool] = True
+    layers_added: ClassVar[int] = 1
 
-    before = heldout_fit(
-        model, start, size, heldout, batch_size, {"identity": lambda b: b.h_in, "f": apply}
-    )
-    steps = epochs * math.ceil(len(train) / batch_size)
-    params = [p for p in f.parameters() if p.requires_grad]
-    shuffled = epochs_of(train, epochs, seed)
-    if loss == "mse":
-        batches: Iterator[Any] = (
-            b for w in shuffled for b in stream_block(model, start, size, w, batch_size)
+    kind: str = "layer"
+    loss: str = "mse"  # mse: f(h_in) ~ h_out | lm: next-token loss through the frozen rest
+    epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise LayerpruneError(
+                f"unknown recovery kind '{self.kind}'; allowed: {', '.join(KINDS)}"
+            )
+        if self.loss not in LOSSES:
+            raise LayerpruneError(
+                f"unknown recovery loss '{self.loss}'; allowed: {', '.join(LOSSES)}"
+            )
+
+    @property
+    def step_name(self) -> str:
+        return self.kind
+
+    def check(self, model: PreTrainedModel, removed: list[int]) -> None:
+        check_block(model, *contiguous_block(removed, self.kind), self.kind)
+
+    def train(
+        self, model: PreTrainedModel, removed: list[int], train: torch.Tensor, heldout: torch.Tensor
+    ) -> RecoveryReport:
+        """Replace the block ``removed`` of the dense ``model`` in place by a trained module."""
+        start, size = contiguous_block(removed, self.kind)
+        stack = decoder_stack(model)
+        dtype = next(model.parameters()).dtype
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            f = Float32(build_replacement(self.kind, stack, start))
+
+        def apply(batch: BlockBatch) -> torch.Tensor:
+            return f(batch.h_in, **batch.layer_kwargs)
+
+        fit = {"identity": lambda b: b.h_in, "f": apply}
+        before = heldout_fit(model, start, size, heldout, self.batch_size, fit)
+        result = self._optimise(model, start, size, train, f, apply)
+        after = heldout_fit(model, start, size, heldout, self.batch_size, {"f": apply})
+
+        module = f.module.to(dtype).requires_grad_(False)
+        block = stack.layers[start : start + size]
+        report = RecoveryReport(
+            method="replace_block",
+            block_start=start,
+            block_size=size,
+            layers_added=1,
+            params_removed=sum(p.numel() for layer in block for p in layer.parameters()),
+            params_added=sum(p.numel() for p in module.parameters()),
+            steps=result.steps,
+            final_loss=result.final_loss,
+            train_time_s=result.seconds,
+            train_windows=len(train),
+            heldout_windows=len(heldout),
+            heldout_mse_identity=before["identity"][0],
+            heldout_mse_before=before["f"][0],
+            heldout_mse_after=after["f"][0],
+            heldout_cosine_identity=before["identity"][1],
+            heldout_cosine_before=before["f"][1],
+            heldout_cosine_after=after["f"][1],
+            settings=self.reported(kind=self.kind, loss=self.loss, epochs=self.epochs),
         )
+        record_recovery(model, report, list(range(start, start + size)))
+        stack.layers[start] = module
+        remove_layers(model, range(start + 1, start + size))
+        return report
 
-        def loss_fn(batch: Any) -> torch.Tensor:
-            return F.mse_loss(apply(batch).float(), batch.h_out.float())
+    def _optimise(
+        self,
+        model: PreTrainedModel,
+        start: int,
+        size: int,
+        train: torch.Tensor,
+        f: nn.Module,
+        apply: Callable[[BlockBatch], torch.Tensor],
+    ) -> TrainResult:
+        """Train ``f`` with the step's loss; the dense model is left as it came in."""
+        steps = self.epochs * math.ceil(len(train) / self.batch_size)
+        params = [p for p in f.parameters() if p.requires_grad]
 
-        result = optimise(params, batches, loss_fn, steps, schedule, kind, progress)
-    else:
+        def run(batches: Iterator[Any], loss_fn: Any) -> TrainResult:
+            return optimise(
+                params, batches, loss_fn, steps, self.schedule, self.kind, self.progress
+            )
+
+        if self.loss == "mse":
+            shuffled = epochs_of(train, self.epochs, self.seed)
+            states = (
+                b for w in shuffled for b in stream_block(model, start, size, w, self.batch_size)
+            )
+            return run(states, lambda b: F.mse_loss(apply(b).float(), b.h_out.float()))
         device = next(model.parameters()).device
-        batches = (b.to(device) for w in shuffled for b in w.split(batch_size))
-
-        def loss_fn(batch: Any) -> torch.Tensor:
-            return model(input_ids=batch, labels=batch, use_cache=False).loss
-
+        ids = token_batches(train, self.epochs, self.batch_size, self.seed, device)
         with _in_place_of_block(model, start, size, f):
-            result = optimise(params, batches, loss_fn, steps, schedule, kind, progress)
-    after = heldout_fit(model, start, size, heldout, batch_size, {"f": apply})
-
-    module = f.module.to(dtype).requires_grad_(False)
-    removed = sum(
-        p.numel() for layer in stack.layers[start : start + size] for p in layer.parameters()
-    )
-    report = RecoveryReport(
-        method="replace_block",
-        block_start=start,
-        block_size=size,
-        layers_added=1,
-        params_removed=removed,
-        params_added=sum(p.numel() for p in module.parameters()),
-        steps=result.steps,
-        final_loss=result.final_loss,
-        train_time_s=result.seconds,
-        train_windows=len(train),
-        heldout_windows=len(heldout),
-        heldout_mse_identity=before["identity"][0],
-        heldout_mse_before=before["f"][0],
-        heldout_mse_after=after["f"][0],
-        heldout_cosine_identity=before["identity"][1],
-        heldout_cosine_before=before["f"][1],
-        heldout_cosine_after=after["f"][1],
-        settings={
-            "kind": kind,
-            "loss": loss,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            **asdict(schedule),
-            "seed": seed,
-        },
-    )
-    record_recovery(model, report, list(range(start, start + size)))
-    stack.layers[start] = module
-    remove_layers(model, range(start + 1, start + size))
-    return model, report
+            return run(ids, lambda b: model(input_ids=b, labels=b, use_cache=False).loss)
