@@ -298,7 +298,7 @@ def plot_layers(chosen: dict[Key, Run], out: Path) -> list[Path]:
         layer = scores["layer_metrics"]
         title = f"{model}: {scores['n_windows']} calibration windows"
         fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
-        draw_metrics(ax, layer, range(scores["num_layers"]))
+        draw_metrics(ax, layer)
         ax.set(xlabel="layer", ylabel="importance (low = prune)", title=title)
         paths.append(save(fig, out / filename("importance", model)))
         fig, ax = plt.subplots(figsize=(5.5, 4.5), constrained_layout=True)
