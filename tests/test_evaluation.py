@@ -11,7 +11,10 @@ from pathlib import Path
 import lm_eval
 import pytest
 import yaml
+from hydra.utils import instantiate
 from lm_eval.tasks import TaskManager
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from layerprune.errors import LayerpruneError
 from layerprune.evaluation import (
@@ -28,7 +31,7 @@ from layerprune.mirror import prepare_tasks
 from layerprune.stability import read_samples
 from layerprune.surgery import remove_layers
 
-from .conftest import MIRROR, load
+from .conftest import MIRROR, compose_config, load
 
 QUESTIONS = [
     ("the cat sat on the", ["mat", "sky", "idea"], 0),
@@ -251,3 +254,29 @@ def test_without_a_suite_the_evaluator_does_nothing(tmp_path: Path) -> None:
     assert evaluator.table({}) == ""
     assert evaluator.lm_eval_results is None
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("preset", "n_tasks", "limit", "headline", "ppl_seq_len"),
+    [
+        ("quick", 5, 50, {"hellaswag", "arc_challenge", "openbookqa"}, 512),
+        ("lm_eval_paper", 10, None, {"hellaswag", "arc_challenge", "openbookqa"}, 2048),
+        ("shortgpt_paper", 6, None, {"hellaswag"}, None),
+        ("streamline_paper", 6, None, {"hellaswag"}, None),
+    ],
+)
+def test_presets_build_on_the_shared_base(
+    preset: str, n_tasks: int, limit: int | None, headline: set[str], ppl_seq_len: int | None
+) -> None:
+    cfg = compose_config([f"eval={preset}", "seed=7"])
+    suite = instantiate(cfg.eval, _convert_="all")
+    assert isinstance(suite, EvalSuite)
+    assert (len(suite.tasks), suite.limit, set(suite.headline)) == (n_tasks, limit, headline)
+    assert (suite.num_fewshot, suite.batch_size, suite.seed, suite.include_path) == (0, 16, 7, None)
+    assert (suite.perplexity.seq_len if suite.perplexity else None) == ppl_seq_len
+    assert ("CMNLI" in suite.unavailable) == (preset in ("shortgpt_paper", "streamline_paper"))
+
+
+def test_the_base_is_not_a_suite() -> None:
+    with pytest.raises(MissingMandatoryValue):
+        OmegaConf.to_container(compose_config(["eval=_base"]).eval, throw_on_missing=True)
