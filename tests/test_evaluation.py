@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lm_eval
 import pytest
 import yaml
+from hydra.utils import instantiate
 from lm_eval.tasks import TaskManager
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from layerprune.errors import LayerpruneError
-from layerprune.evaluation import EvalSuite, evaluate, prepare
+from layerprune.evaluation import (
+    EvalSuite,
+    Evaluator,
+    NoEvaluator,
+    PerplexitySpec,
+    evaluate,
+    make_evaluator,
+    prepare,
+)
+from layerprune.lm_eval_compat import index_entry
 from layerprune.mirror import prepare_tasks
+from layerprune.stability import read_samples
+from layerprune.surgery import remove_layers
 
-from .conftest import MIRROR, load
+from .conftest import MIRROR, compose_config, load
 
 QUESTIONS = [
     ("the cat sat on the", ["mat", "sky", "idea"], 0),
@@ -65,8 +82,8 @@ def test_mirror_task_includes_the_builtin_yaml_and_swaps_only_the_data(tmp_path:
     assert (
         set(cfg) == {"include", "task", "dataset_path", "dataset_name", "dataset_kwargs"} | splits
     )
-    entry = source.manager.task_index["arc_challenge"]
-    assert Path(entry.yaml_path) == generated  # shadows the built-in task
+    # The generated YAML shadows the built-in task.
+    assert index_entry(source.manager, "arc_challenge").yaml_path == generated
 
 
 def test_a_group_runs_every_subtask_from_the_mirror(tmp_path: Path) -> None:
@@ -147,3 +164,119 @@ def test_dense_numbers_equal_lm_eval_run_directly(tmp_path: Path) -> None:
         assert s.loglikelihoods == pytest.approx([r[0] for r in row["filtered_resps"]], abs=1e-5)
         assert s.chars == [len(c) for c in QUESTIONS[s.doc_id][1]]
         assert s.tokens == [len(" " + c) for c in QUESTIONS[s.doc_id][1]]  # byte tokenizer
+
+
+def test_evaluator_runs_dense_through_the_cache_then_pruned_and_writes_samples(
+    tmp_path: Path,
+) -> None:
+    tasks = local_task(tmp_path)
+    suite = EvalSuite(tasks=["tiny_mc", "arc_easy"], limit=4, batch_size=4,
+                      include_path=str(tasks))  # fmt: skip
+    cache = tmp_path / "cache"
+    evaluator = Evaluator(suite, MIRROR, cache)
+    loaded = load("tiny_llama")
+    with pytest.raises(RuntimeError, match=r"needs Evaluator\.dense"):
+        evaluator.pruned(loaded, tmp_path / "early")
+    stages: list[str] = []
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        stages.append(name)
+        yield
+
+    assert evaluator.dense(loaded, stage) is False
+    # The reference: the same model and suite evaluated directly, before any pruning.
+    source = prepare(suite, MIRROR, tmp_path / "work")
+    dense = evaluate(loaded, suite, source)
+    remove_layers(loaded.model, [1, 2, 3])
+    pruned = evaluate(loaded, suite, source)
+    evaluated = evaluator.pruned(loaded, tmp_path / "run", stage)
+    assert stages == ["eval_dense", "eval_pruned"]
+    assert list(evaluated) == ["eval"]
+    record = evaluated["eval"]
+    assert list(record) == ["tasks", "average", "rp", "stability", "perplexity", "metrics",
+                            "n_samples", "unavailable", "dense_from_cache"]  # fmt: skip
+    assert record["dense_from_cache"] is False
+    assert record["metrics"] == {"dense": dense.metrics, "pruned": pruned.metrics}
+    assert record["n_samples"] == {"tiny_mc": 4, "arc_easy": 4}
+    for row in record["tasks"]:
+        assert row["dense"] == dense.metrics[row["task"]]["acc"]
+        assert row["pruned"] == pruned.metrics[row["task"]]["acc"]
+    for label, reference in (("dense", dense), ("pruned", pruned)):
+        for task in ("tiny_mc", "arc_easy"):
+            path = tmp_path / "run" / "samples" / label / f"{task}.jsonl.gz"
+            assert read_samples(path) == reference.samples[task]
+    assert evaluator.lm_eval_results is not None
+    assert (
+        evaluator.lm_eval_results["results"]["arc_easy"]["acc,none"]
+        == pruned.metrics["arc_easy"]["acc"]
+    )
+    text = evaluator.table(evaluated)
+    assert text.startswith("dense eval computed\ntask")
+    assert "arc_easy" in text and "retained performance RP" in text
+
+    again = Evaluator(suite, MIRROR, cache)
+    dense_model = load("tiny_llama")
+    assert again.dense(dense_model) is True  # same model, suite, device and data
+    assert again.cache_key(dense_model) == evaluator.cache_key(dense_model)
+    assert again.pruned(loaded, tmp_path / "run2")["eval"]["metrics"]["dense"] == dense.metrics
+    other = load("tiny_llama", seed="1")
+    assert again.cache_key(other)["model"] != again.cache_key(dense_model)["model"]
+
+
+def test_the_cache_key_holds_model_device_suite_and_data(tmp_path: Path) -> None:
+    tasks = local_task(tmp_path)
+    suite = EvalSuite(tasks=["tiny_mc"], include_path=str(tasks))
+    evaluator = Evaluator(suite, MIRROR, tmp_path / "cache")
+    loaded = load("tiny_llama")
+    assert evaluator.cache_key(loaded) == {
+        "version": 1,
+        "model": loaded.fingerprint,
+        "device": "cpu",
+        "suite": {**dataclasses.asdict(suite), "lm_eval": lm_eval.__version__},
+        "data": {"source": "mirror", "files": [(str(tasks / "tiny_mc.yaml"),
+                                                 (tasks / "tiny_mc.yaml").stat().st_mtime_ns)]},
+    }  # fmt: skip
+
+
+def test_an_evaluator_checks_the_perplexity_text_before_any_model(tmp_path: Path) -> None:
+    suite = EvalSuite(tasks=["piqa"], perplexity=PerplexitySpec(path=str(tmp_path / "no.txt")))
+    with pytest.raises(LayerpruneError, match=r"perplexity text '.*no\.txt' does not exist"):
+        make_evaluator(suite, MIRROR, tmp_path)
+
+
+def test_without_a_suite_the_evaluator_does_nothing(tmp_path: Path) -> None:
+    evaluator = make_evaluator(None, MIRROR, tmp_path / "cache")
+    assert isinstance(evaluator, NoEvaluator)
+    loaded = load("tiny_llama")
+    assert evaluator.dense(loaded) is False
+    assert evaluator.pruned(loaded, tmp_path / "run") == {}
+    assert evaluator.table({}) == ""
+    assert evaluator.lm_eval_results is None
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("preset", "n_tasks", "limit", "headline", "ppl_seq_len"),
+    [
+        ("quick", 5, 50, {"hellaswag", "arc_challenge", "openbookqa"}, 512),
+        ("lm_eval_paper", 10, None, {"hellaswag", "arc_challenge", "openbookqa"}, 2048),
+        ("shortgpt_paper", 6, None, {"hellaswag"}, None),
+        ("streamline_paper", 6, None, {"hellaswag"}, None),
+    ],
+)
+def test_presets_build_on_the_shared_base(
+    preset: str, n_tasks: int, limit: int | None, headline: set[str], ppl_seq_len: int | None
+) -> None:
+    cfg = compose_config([f"eval={preset}", "seed=7"])
+    suite = instantiate(cfg.eval, _convert_="all")
+    assert isinstance(suite, EvalSuite)
+    assert (len(suite.tasks), suite.limit, set(suite.headline)) == (n_tasks, limit, headline)
+    assert (suite.num_fewshot, suite.batch_size, suite.seed, suite.include_path) == (0, 16, 7, None)
+    assert (suite.perplexity.seq_len if suite.perplexity else None) == ppl_seq_len
+    assert ("CMNLI" in suite.unavailable) == (preset in ("shortgpt_paper", "streamline_paper"))
+
+
+def test_the_base_is_not_a_suite() -> None:
+    with pytest.raises(MissingMandatoryValue):
+        OmegaConf.to_container(compose_config(["eval=_base"]).eval, throw_on_missing=True)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,8 @@ from layerprune.scoring import (
     Streamline,
     _unit,
     collect_layer_stats,
+    layer_metric_definitions,
+    layer_metrics,
 )
 
 from .conftest import TINY_MODELS, load
@@ -139,3 +143,56 @@ def test_stats_round_trip_through_json() -> None:
     stats = toy_stats()
     again = LayerStats.from_dict(stats.to_dict())
     assert torch.equal(again.cosine, stats.cosine) and again.n_tokens == 10
+
+
+def test_layer_metrics_on_the_hand_computed_example() -> None:
+    stats = toy_stats()
+    metrics = layer_metrics(stats, 2)
+    assert list(metrics) == ["layer_metrics", "block_metrics"]
+    layer, block = metrics["layer_metrics"], metrics["block_metrics"]
+    assert list(layer) == ["block_influence", "streamline_similarity", "angular_distance"]
+    assert list(block) == ["size", *layer]
+    assert layer["block_influence"] == pytest.approx([0.4, 0.05, 0.1, 0.3])
+    assert layer["streamline_similarity"] == pytest.approx([0.8, 0.975, 0.95, 0.85])
+    assert layer["angular_distance"] == pytest.approx([math.acos(c) / math.pi
+                                                       for c in (0.6, 0.95, 0.9, 0.7)])  # fmt: skip
+    assert block["size"] == 2
+    assert block["block_influence"] == pytest.approx([0.45, 0.15, 0.4])
+    assert block["streamline_similarity"] == pytest.approx([0.775, 0.925, 0.8])
+    assert block["angular_distance"] == pytest.approx([math.acos(c) / math.pi
+                                                       for c in (0.55, 0.85, 0.6)])  # fmt: skip
+
+
+def test_each_statistic_scorer_defines_its_metric() -> None:
+    stats = toy_stats()
+    assert [m.key for m in layer_metric_definitions()] == [
+        "block_influence", "streamline_similarity", "angular_distance"]  # fmt: skip
+    # Drawn as importance, every metric orders the layers as its scorer does.
+    for scorer in (BlockInfluence(), Streamline(), Angular()):
+        assert scorer.metric is not None
+        drawn = scorer.metric.importance(scorer.metric.of_blocks(stats, 1).tolist())
+        order = scorer.layer_importance(stats).argsort().tolist()
+        assert sorted(range(len(drawn)), key=drawn.__getitem__) == order
+    assert Random().metric is None and Last().metric is None
+
+
+RUNS = Path(__file__).parents[1] / "results" / "runs"
+
+
+@pytest.mark.skipif(not RUNS.is_dir(), reason="no committed results")
+def test_layer_metrics_reproduce_the_committed_scores_files_exactly() -> None:
+    """scores.json stays byte-identical: recomputed from its own matrices, the fields match."""
+    paths = sorted(RUNS.glob("**/scores.json"))
+    assert paths
+    for path in paths[:: max(1, len(paths) // 8)]:
+        scores = json.loads(path.read_text())
+        stats = LayerStats(
+            cosine=torch.tensor(scores["cosine_matrix"], dtype=torch.float64),
+            angular=torch.tensor(scores["angular_matrix"], dtype=torch.float64),
+            n_tokens=scores["n_tokens"],
+            n_windows=scores["n_windows"],
+            convention=scores["convention"],
+        )
+        metrics = layer_metrics(stats, scores["block_metrics"]["size"])
+        expected = {k: scores[k] for k in ("layer_metrics", "block_metrics")}
+        assert json.dumps(metrics) == json.dumps(expected), path

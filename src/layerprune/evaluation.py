@@ -4,13 +4,17 @@
 and its tokenizer in lm-eval's ``HFLM`` and runs ``simple_evaluate`` on tasks prepared by
 :mod:`layerprune.mirror`; it returns the metrics of every task and group, and for each
 multiple-choice document the per-option loglikelihoods and token counts that the stability
-metric needs.
+metric needs. ``Evaluator`` runs a whole run's evaluation in order: tasks checked before any model
+is loaded, the dense model through a cache, the pruned model, the comparison and the per-sample
+files; ``NoEvaluator`` stands in for it without a suite.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -20,14 +24,18 @@ import lm_eval
 from lm_eval.api.task import Task
 from lm_eval.models.huggingface import HFLM
 
+from layerprune.cache import JsonCache
 from layerprune.errors import LayerpruneError
+from layerprune.files import cache_root
+from layerprune.lm_eval_compat import continuation_tokens, effective_sample_counts, logged_doc
 from layerprune.mirror import TaskSource, prepare_tasks
 from layerprune.models import LoadedModel
 from layerprune.perplexity import perplexity_of_file
-from layerprune.stability import Sample, average_over_tasks, task_stability
+from layerprune.stability import Sample, average_over_tasks, task_stability, write_samples
 
 log = logging.getLogger(__name__)
 LM_EVAL_VERSION = version("lm-eval")
+EVAL_VERSION = 1  # bump when an evaluation's definition changes (invalidates the dense cache)
 
 
 @dataclass
@@ -107,20 +115,12 @@ def gold_index(task: Task, doc: dict[str, Any]) -> int:
 def to_samples(hflm: HFLM, task: Task, logged: list[dict[str, Any]]) -> list[Sample]:
     """Per-document predictions of a multiple-choice task, as lm-eval scored them."""
     samples = []
-    for row in logged:
-        doc = row["doc"]
-        lls = [float(resp[0]) for resp in row["filtered_resps"]]
-        tokens = [len(hflm._encode_pair(ctx, cont)[1]) for ctx, cont in row["arguments"]]
-        chars = [len(choice) for choice in task.doc_to_choice(doc)]  # lm-eval's acc_norm length
+    for row in map(logged_doc, logged):
+        tokens = [len(continuation_tokens(hflm, ctx, cont)) for ctx, cont in row.requests]
+        chars = [len(choice) for choice in task.doc_to_choice(row.doc)]  # acc_norm's length
+        gold = gold_index(task, row.doc)
         samples.append(
-            Sample.from_scores(
-                int(row["doc_id"]),
-                lls,
-                tokens,
-                chars,
-                gold_index(task, doc),
-                str(row["prompt_hash"]),
-            )
+            Sample.from_scores(row.doc_id, row.loglikelihoods, tokens, chars, gold, row.prompt_hash)
         )
     return samples
 
@@ -189,7 +189,7 @@ def evaluate(loaded: LoadedModel, suite: EvalSuite, source: TaskSource) -> Evalu
         for name in choice_tasks
         if results["samples"].get(name)
     }
-    n_samples = {t: int(v["effective"]) for t, v in results.get("n-samples", {}).items()}
+    n_samples = effective_sample_counts(results)
     ppl = None
     if suite.perplexity is not None:
         spec = suite.perplexity
@@ -288,3 +288,100 @@ def table(comparison: dict[str, Any]) -> str:
     if comparison["rp"] is not None:
         lines.append(f"retained performance RP = {comparison['rp']:.3f}")
     return "\n".join(lines)
+
+
+Stage = Callable[[str], AbstractContextManager[object]]
+
+
+def untimed(_name: str) -> AbstractContextManager[object]:
+    """The default ``stage``: times nothing."""
+    return nullcontext()
+
+
+class Evaluator:
+    """The whole evaluation of a run: dense (through the cache), pruned, comparison, files.
+
+    Built before any model is loaded, so that a bad task name, a missing mirror split or a
+    missing perplexity text fails in seconds rather than after loading and scoring. Call
+    :meth:`dense` on the original model, prune, then :meth:`pruned`. Each may be given the
+    caller's ``stage(name)`` context manager, entered around the work it times
+    (``eval_dense``, ``eval_pruned``).
+    """
+
+    def __init__(
+        self, suite: EvalSuite, mirror: str | Path | None, cache_dir: str | Path | None
+    ) -> None:
+        self.suite = suite
+        self.source = prepare(suite, mirror, cache_root(cache_dir) / "tasks")
+        self.cache = JsonCache("dense_eval", cache_dir)
+        self._dense: Evaluation | None = None
+        self._dense_hit = False
+        self._pruned: Evaluation | None = None
+
+    def cache_key(self, loaded: LoadedModel) -> dict[str, Any]:
+        """Everything a dense evaluation depends on: model, device, suite and data."""
+        return {
+            "version": EVAL_VERSION,
+            "model": loaded.fingerprint,
+            "device": next(loaded.model.parameters()).device.type,
+            "suite": self.suite.identity(),
+            "data": self.source.identity(),
+        }
+
+    def dense(self, loaded: LoadedModel, stage: Stage = untimed) -> bool:
+        """Evaluate the original model, once per cache key; True when read from the cache."""
+        with stage("eval_dense"):
+            payload, hit = self.cache.get_or_compute(
+                self.cache_key(loaded), lambda: evaluate(loaded, self.suite, self.source).to_dict()
+            )
+        log.info("dense evaluation %s", "reused from the cache" if hit else "computed and cached")
+        self._dense, self._dense_hit = Evaluation.from_dict(payload), hit
+        return hit
+
+    def pruned(self, loaded: LoadedModel, out: Path, stage: Stage = untimed) -> dict[str, Any]:
+        """Evaluate the pruned model, write both sides' samples under ``out/samples`` and
+        return ``{"eval": record}`` for metrics.json."""
+        if self._dense is None:
+            raise RuntimeError("Evaluator.pruned needs Evaluator.dense on the original model first")
+        with stage("eval_pruned"):
+            self._pruned = evaluate(loaded, self.suite, self.source)
+        for label, evaluation in (("dense", self._dense), ("pruned", self._pruned)):
+            for task, samples in evaluation.samples.items():
+                write_samples(out / "samples" / label / f"{task}.jsonl.gz", samples)
+        comparison = compare(self.suite, self.source, self._dense, self._pruned)
+        return {"eval": {**comparison, "dense_from_cache": self._dense_hit}}
+
+    def table(self, evaluated: dict[str, Any]) -> str:
+        """The printed summary of what :meth:`pruned` returned."""
+        record = evaluated["eval"]
+        origin = "reused from the cache" if record["dense_from_cache"] else "computed"
+        return f"dense eval {origin}\n{table(record)}"
+
+    @property
+    def lm_eval_results(self) -> dict[str, Any] | None:
+        """lm-eval's own results of the pruned model (for its W&B logger); not cached."""
+        return self._pruned.raw if self._pruned else None
+
+
+class NoEvaluator:
+    """``eval=none``: the same calls as :class:`Evaluator`, doing nothing."""
+
+    def dense(self, loaded: LoadedModel, stage: Stage = untimed) -> bool:
+        return False
+
+    def pruned(self, loaded: LoadedModel, out: Path, stage: Stage = untimed) -> dict[str, Any]:
+        return {}
+
+    def table(self, evaluated: dict[str, Any]) -> str:
+        return ""
+
+    @property
+    def lm_eval_results(self) -> dict[str, Any] | None:
+        return None
+
+
+def make_evaluator(
+    suite: EvalSuite | None, mirror: str | Path | None, cache_dir: str | Path | None
+) -> Evaluator | NoEvaluator:
+    """The run's evaluator: a real one for a suite, a do-nothing one without (``eval=none``)."""
+    return Evaluator(suite, mirror, cache_dir) if suite is not None else NoEvaluator()

@@ -20,6 +20,7 @@ from lm_eval.tasks import TaskManager
 from layerprune.cache import digest
 from layerprune.errors import LayerpruneError
 from layerprune.files import write_text
+from layerprune.lm_eval_compat import index_entry, index_names
 
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # data files already on disk
@@ -52,12 +53,12 @@ class LeafTask:
 
 
 def check_task_names(manager: TaskManager, names: list[str]) -> None:
-    index = manager.task_index
-    unknown = [n for n in names if n not in index]
+    known = index_names(manager)
+    unknown = [n for n in names if n not in known]
     if unknown:
         hints = []
         for name in unknown:
-            close = difflib.get_close_matches(name, list(index), n=3)
+            close = difflib.get_close_matches(name, known, n=3)
             hints.append(f"'{name}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
         raise LayerpruneError(
             f"unknown lm-eval task {', '.join(hints)}; see `lm-eval ls tasks` for the allowed names"
@@ -67,26 +68,24 @@ def check_task_names(manager: TaskManager, names: list[str]) -> None:
 def leaf_tasks(manager: TaskManager, names: list[str]) -> dict[str, list[LeafTask]]:
     """The leaf tasks behind each task, group or tag name, in lm-eval's order."""
     check_task_names(manager, names)
-    index = manager.task_index
     seen: dict[str, LeafTask] = {}
 
     def visit(name: str) -> list[LeafTask]:
-        entry = index[name]
-        kind = entry.kind.name
-        if kind == "TAG":
-            return [leaf for sub in sorted(entry.tags) for leaf in visit(sub)]
-        if kind == "GROUP":
-            items = (entry.cfg or {}).get("task", [])
+        entry = index_entry(manager, name)
+        if entry.kind == "tag":
+            return [leaf for sub in entry.tags for leaf in visit(sub)]
+        if entry.kind == "group":
+            items = entry.cfg.get("task", [])
             return [
                 leaf for it in items for leaf in visit(it if isinstance(it, str) else it["task"])
             ]
         if name not in seen:
-            cfg = entry.cfg or {}
+            cfg = entry.cfg
             if entry.yaml_path is None or "dataset_path" not in cfg:
                 raise LayerpruneError(f"lm-eval task '{name}' has no YAML dataset to mirror")
             seen[name] = LeafTask(
                 name=name,
-                yaml_path=Path(entry.yaml_path),
+                yaml_path=entry.yaml_path,
                 dataset_path=str(cfg["dataset_path"]),
                 dataset_name=cfg.get("dataset_name"),
                 splits={k: cfg.get(k) for k in SPLIT_KEYS},

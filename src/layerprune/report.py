@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
 
 from layerprune.files import atomic_write, read_json, write_text
+from layerprune.plots import draw_metrics
 
 Run = dict[str, Any]
 Key = tuple[Any, ...]  # (model, sparsity unit, sparsity amount, method, *group-by values)
@@ -297,12 +298,8 @@ def plot_layers(chosen: dict[Key, Run], out: Path) -> list[Path]:
         layer = scores["layer_metrics"]
         title = f"{model}: {scores['n_windows']} calibration windows"
         fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
-        ax.plot(layer["block_influence"], marker="o", label="block influence (ShortGPT)")
-        ax.plot(layer["angular_distance"], marker="s", label="angular distance, n=1 (Gromov)")
-        streamline = [1 - s for s in layer["streamline_similarity"]]
-        ax.plot(streamline, marker="^", label="1 - Streamline similarity, n=1")
+        draw_metrics(ax, layer)
         ax.set(xlabel="layer", ylabel="importance (low = prune)", title=title)
-        ax.legend(fontsize=8)
         paths.append(save(fig, out / filename("importance", model)))
         fig, ax = plt.subplots(figsize=(5.5, 4.5), constrained_layout=True)
         image = ax.imshow(scores["cosine_matrix"], cmap="viridis")

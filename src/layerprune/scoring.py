@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -164,11 +164,31 @@ def collect_layer_stats(
     )
 
 
+@dataclass(frozen=True)
+class LayerMetric:
+    """A scorer's statistic as scores.json records it and the figures draw it.
+
+    ``of_blocks(stats, n)`` is the statistic of every block of ``n`` layers (n=1: per layer), in
+    the scorer's own terms; a ``similarity`` (high = prune) is drawn as ``1 - value`` so that
+    every curve of a figure reads "low = prune".
+    """
+
+    key: str  # the field of scores.json's layer_metrics and block_metrics
+    label: str  # the legend of the drawn importance
+    of_blocks: Callable[[LayerStats, int], torch.Tensor]
+    similarity: bool = False
+
+    def importance(self, values: Sequence[float]) -> list[float]:
+        """Recorded values as drawn: low = prune."""
+        return [1 - v for v in values] if self.similarity else [float(v) for v in values]
+
+
 class Scorer(ABC):
     """Turns :class:`LayerStats` into importances: the LOWEST importance is pruned first."""
 
     name: str
     selection: Selection
+    metric: ClassVar[LayerMetric | None] = None  # what scores.json records for this scorer
 
     def __init__(self, selection: Selection) -> None:
         if selection not in SELECTIONS:
@@ -190,6 +210,9 @@ class BlockInfluence(Scorer):
     """ShortGPT: BI_i = 1 - E cos(h_i, h_{i+1}); for a block, 1 - E cos(h_j, h_{j+n})."""
 
     name = "block_influence"
+    metric = LayerMetric(
+        "block_influence", "block influence (ShortGPT)", lambda stats, n: 1 - stats.block_cosine(n)
+    )
 
     def __init__(self, selection: Selection = "independent") -> None:
         super().__init__(selection)
@@ -205,6 +228,12 @@ class Streamline(Scorer):
     """LLM-Streamline: prune the block maximising E (1 + cos(h_j, h_{j+n})) / 2."""
 
     name = "streamline"
+    metric = LayerMetric(
+        "streamline_similarity",
+        "1 - Streamline similarity",
+        lambda stats, n: Streamline.similarity(stats, n),
+        similarity=True,
+    )
 
     def __init__(self, selection: Selection = "contiguous") -> None:
         super().__init__(selection)
@@ -224,6 +253,9 @@ class Angular(Scorer):
     """Gromov et al.: prune the block minimising arccos(cos(h_j, h_{j+n})) / pi, last token."""
 
     name = "angular"
+    metric = LayerMetric(
+        "angular_distance", "angular distance (Gromov)", lambda stats, n: stats.block_angular(n)
+    )
 
     def __init__(self, selection: Selection = "contiguous") -> None:
         super().__init__(selection)
@@ -276,3 +308,24 @@ class Last(Scorer):
         imp = torch.ones(num - n + 1, dtype=torch.float64)
         imp[num - 1 - n] = 0
         return imp
+
+
+METRIC_SCORERS: tuple[type[Scorer], ...] = (BlockInfluence, Streamline, Angular)
+
+
+def layer_metric_definitions() -> list[LayerMetric]:
+    """The statistics scores.json records and the figures draw, in that order."""
+    return [scorer.metric for scorer in METRIC_SCORERS if scorer.metric is not None]
+
+
+def layer_metrics(stats: LayerStats, block_size: int) -> dict[str, dict[str, Any]]:
+    """scores.json's ``layer_metrics`` (per layer) and ``block_metrics`` (per block of
+    ``block_size`` layers, the number removed): every statistic-based scorer's own values."""
+    definitions = layer_metric_definitions()
+    return {
+        "layer_metrics": {m.key: m.of_blocks(stats, 1).tolist() for m in definitions},
+        "block_metrics": {
+            "size": block_size,
+            **{m.key: m.of_blocks(stats, block_size).tolist() for m in definitions},
+        },
+    }
