@@ -16,18 +16,18 @@ from lm_eval.tasks import TaskManager
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from layerprune.app import evaluator_for
 from layerprune.errors import LayerpruneError
 from layerprune.evaluation import (
     EvalSuite,
     Evaluator,
-    NoEvaluator,
     PerplexitySpec,
     evaluate,
-    make_evaluator,
     prepare,
 )
 from layerprune.lm_eval_compat import index_entry
 from layerprune.mirror import prepare_tasks
+from layerprune.pipeline import NoEvaluator
 from layerprune.stability import read_samples
 from layerprune.surgery import remove_layers
 
@@ -242,11 +242,11 @@ def test_the_cache_key_holds_model_device_suite_and_data(tmp_path: Path) -> None
 def test_an_evaluator_checks_the_perplexity_text_before_any_model(tmp_path: Path) -> None:
     suite = EvalSuite(tasks=["piqa"], perplexity=PerplexitySpec(path=str(tmp_path / "no.txt")))
     with pytest.raises(LayerpruneError, match=r"perplexity text '.*no\.txt' does not exist"):
-        make_evaluator(suite, MIRROR, tmp_path)
+        Evaluator(suite, MIRROR, tmp_path)
 
 
 def test_without_a_suite_the_evaluator_does_nothing(tmp_path: Path) -> None:
-    evaluator = make_evaluator(None, MIRROR, tmp_path / "cache")
+    evaluator = evaluator_for(compose_config(["eval=none", f"paths.cache={tmp_path / 'cache'}"]))
     assert isinstance(evaluator, NoEvaluator)
     loaded = load("tiny_llama")
     assert evaluator.dense(loaded) is False

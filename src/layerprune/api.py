@@ -24,6 +24,7 @@ import torch
 
 from layerprune.calibration import TextFile
 from layerprune.export import save_checkpoint
+from layerprune.files import cache_root
 from layerprune.layers import layer_param_counts, param_count
 from layerprune.models import LoadedModel, from_pretrained
 from layerprune.recovery import Recovery
@@ -32,7 +33,7 @@ from layerprune.selection import Plan, Sparsity, make_plan
 from layerprune.surgery import remove_layers
 
 if TYPE_CHECKING:
-    from layerprune.evaluation import EvalSuite
+    from layerprune.evaluation import EvalSuite, Evaluation
 
 
 def load(
@@ -96,14 +97,13 @@ def recover(
     return Recovery(steps=list(steps), train_data=None).apply(model, plan.removed_layers, windows)
 
 
-def evaluate(
-    model: LoadedModel, suite: EvalSuite, mirror: str | Path | None = None
-) -> dict[str, Any]:
-    """lm-eval's metrics (and perplexity) of ``model`` on ``suite``; ``mirror`` is an offline
-    data folder (None: the Hugging Face hub). Needs lm-eval, imported only here."""
-    from layerprune.evaluation import evaluate_model
+def evaluate(model: LoadedModel, suite: EvalSuite, mirror: str | Path | None = None) -> Evaluation:
+    """lm-eval's metrics, per-document samples and perplexity of ``model`` on ``suite``;
+    ``mirror`` is an offline data folder (None: the Hugging Face hub). Imports lm-eval."""
+    from layerprune.evaluation import evaluate as evaluate_suite
+    from layerprune.evaluation import prepare
 
-    return evaluate_model(model, suite, mirror)
+    return evaluate_suite(model, suite, prepare(suite, mirror, cache_root() / "tasks"))
 
 
 def save(

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from layerprune import console
 from layerprune.errors import LayerpruneError
-from layerprune.pipeline import Evaluator, Job, ScoringSettings
+from layerprune.pipeline import Evaluator, Job, NoEvaluator, ScoringSettings
 from layerprune.pipeline import run as run_job
 from layerprune.recovery import Recovery
 from layerprune.selection import Sparsity
@@ -63,10 +63,10 @@ def build(node: DictConfig, partial: bool = False) -> Any:
         raise
 
 
-def evaluator_for(cfg: DictConfig) -> Evaluator | None:
+def evaluator_for(cfg: DictConfig) -> Evaluator:
     """The evaluation the config asks for; lm-eval is imported only when there is one."""
     if not cfg.get("eval"):
-        return None
+        return NoEvaluator()
     from layerprune.evaluation import Evaluator as LmEvalEvaluator
 
     return LmEvalEvaluator(build(cfg.eval), cfg.data.mirror, cfg.paths.cache)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -31,6 +29,7 @@ from layerprune.lm_eval_compat import continuation_tokens, effective_sample_coun
 from layerprune.mirror import TaskSource, prepare_tasks
 from layerprune.models import LoadedModel
 from layerprune.perplexity import perplexity_of_file
+from layerprune.resources import Stage, untimed
 from layerprune.stability import Sample, average_over_tasks, task_stability, write_samples
 
 log = logging.getLogger(__name__)
@@ -290,14 +289,6 @@ def table(comparison: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-Stage = Callable[[str], AbstractContextManager[object]]
-
-
-def untimed(_name: str) -> AbstractContextManager[object]:
-    """The default ``stage``: times nothing."""
-    return nullcontext()
-
-
 class Evaluator:
     """The whole evaluation of a run: dense (through the cache), pruned, comparison, files.
 
@@ -361,27 +352,3 @@ class Evaluator:
     def lm_eval_results(self) -> dict[str, Any] | None:
         """lm-eval's own results of the pruned model (for its W&B logger); not cached."""
         return self._pruned.raw if self._pruned else None
-
-
-class NoEvaluator:
-    """``eval=none``: the same calls as :class:`Evaluator`, doing nothing."""
-
-    def dense(self, loaded: LoadedModel, stage: Stage = untimed) -> bool:
-        return False
-
-    def pruned(self, loaded: LoadedModel, out: Path, stage: Stage = untimed) -> dict[str, Any]:
-        return {}
-
-    def table(self, evaluated: dict[str, Any]) -> str:
-        return ""
-
-    @property
-    def lm_eval_results(self) -> dict[str, Any] | None:
-        return None
-
-
-def make_evaluator(
-    suite: EvalSuite | None, mirror: str | Path | None, cache_dir: str | Path | None
-) -> Evaluator | NoEvaluator:
-    """The run's evaluator: a real one for a suite, a do-nothing one without (``eval=none``)."""
-    return Evaluator(suite, mirror, cache_dir) if suite is not None else NoEvaluator()

@@ -28,7 +28,7 @@ from layerprune.records import (
     scores_record,
 )
 from layerprune.recovery import Recovery
-from layerprune.resources import Timer, peak_memory, reset_peak_memory
+from layerprune.resources import Stage, Timer, peak_memory, reset_peak_memory, untimed
 from layerprune.scoring import Convention, LayerStats, Scorer, collect_layer_stats
 from layerprune.selection import Plan, Sparsity, make_plan
 
@@ -37,16 +37,36 @@ SCORES_VERSION = 1  # bump when the statistics' definition changes (invalidates 
 
 
 class Evaluator(Protocol):
-    """Evaluates the dense model before pruning and the pruned one after (see evaluation)."""
+    """Evaluates the dense model before pruning and the pruned one after, each inside the
+    given timing stage; :class:`layerprune.evaluation.Evaluator` is the lm-eval one."""
 
-    def dense(self, loaded: LoadedModel) -> bool: ...
+    def dense(self, loaded: LoadedModel, stage: Stage = untimed) -> bool: ...
 
-    def pruned(self, loaded: LoadedModel, out: Path) -> dict[str, Any]: ...
+    def pruned(self, loaded: LoadedModel, out: Path, stage: Stage = untimed) -> dict[str, Any]:
+        """``{"eval": record}`` for metrics.json (empty when there is no evaluation)."""
+        ...
 
-    def table(self, record: dict[str, Any]) -> str: ...
+    def table(self, evaluated: dict[str, Any]) -> str: ...
 
     @property
     def lm_eval_results(self) -> Any: ...
+
+
+class NoEvaluator:
+    """``eval=none``: the same calls, doing nothing (and importing no lm-eval)."""
+
+    def dense(self, loaded: LoadedModel, stage: Stage = untimed) -> bool:
+        return False
+
+    def pruned(self, loaded: LoadedModel, out: Path, stage: Stage = untimed) -> dict[str, Any]:
+        return {}
+
+    def table(self, evaluated: dict[str, Any]) -> str:
+        return ""
+
+    @property
+    def lm_eval_results(self) -> Any:
+        return None
 
 
 class Tracker(Protocol):
@@ -72,7 +92,7 @@ class Job:
     scorer: Scorer
     sparsity: Sparsity
     recovery: Recovery
-    evaluator: Evaluator | None
+    evaluator: Evaluator
     tracker: Tracker
     config: dict[str, Any] = field(default_factory=dict)
     scoring: ScoringSettings = ScoringSettings()
@@ -147,18 +167,14 @@ def run(job: Job, out: Path) -> dict[str, Any]:
     with timer.stage("score"):
         stats, scores_hit = layer_stats(loaded, job.calibration, job.scoring, job.cache_dir)
     plan = plan_for(loaded, stats, job.scorer, job.sparsity, job.recovery.layers_added)
-    if job.evaluator:
-        with timer.stage("eval_dense"):
-            job.evaluator.dense(loaded)
+    job.evaluator.dense(loaded, timer.stage)
     with timer.stage("prune_recover"):
         reports = job.recovery.apply(loaded, plan.removed_layers, train_windows)
     plan = replace(plan, params_after=param_count(loaded.model))  # net of replacements
     log.info("%s", summary(loaded, plan, scores_hit))
-    evaluation = None
-    if job.evaluator:
-        with timer.stage("eval_pruned"):
-            evaluation = job.evaluator.pruned(loaded, out)
-        log.info("%s", job.evaluator.table(evaluation))
+    evaluated = job.evaluator.pruned(loaded, out, timer.stage)
+    if table := job.evaluator.table(evaluated):
+        log.info("%s", table)
     scores = scores_record(loaded, job.calibration, stats, len(plan.removed_layers))
     write_json(out / "scores.json", scores)
     planned = plan_record(loaded, plan, job.config)
@@ -167,14 +183,13 @@ def run(job: Job, out: Path) -> dict[str, Any]:
     plot_importance(
         stats, out / "importance.png", title, len(plan.removed_layers), plan.removed_layers
     )
+    evaluation = evaluated.get("eval")
     if job.save_model:
         with timer.stage("save"):
-            table = job.evaluator.table(evaluation) if job.evaluator and evaluation else None
             save_checkpoint(
-                loaded, out / "model", plan, job.calibration, reports, evaluation, table
+                loaded, out / "model", plan, job.calibration, reports, evaluation, table or None
             )
     record = run_record(planned, key, scores_hit, reports, evaluation, timer.total(), peak_memory())
     write_json(out / "metrics.json", record)
-    lm_eval_results = job.evaluator.lm_eval_results if job.evaluator else None
-    job.tracker.log_run({**record, "scores": scores}, out, lm_eval_results)
+    job.tracker.log_run({**record, "scores": scores}, out, job.evaluator.lm_eval_results)
     return record

@@ -26,7 +26,7 @@ from layerprune.cache import digest
 from layerprune.calibration import Calibration
 from layerprune.files import read_json
 from layerprune.models import LoadedModel
-from layerprune.scoring import LayerStats, Streamline
+from layerprune.scoring import LayerStats, layer_metrics
 from layerprune.selection import Plan
 
 SCHEMA_VERSION = 1
@@ -125,19 +125,3 @@ def finished_run(root: Path, key: str) -> Path | None:
     return next(
         (folder for folder, rec in run_records(root) if rec.get("config_hash") == key), None
     )
-
-
-def layer_metrics(stats: LayerStats, k: int) -> dict[str, Any]:
-    return {
-        "layer_metrics": {
-            "block_influence": stats.block_influence().tolist(),
-            "streamline_similarity": Streamline.similarity(stats, 1).tolist(),
-            "angular_distance": stats.block_angular(1).tolist(),
-        },
-        "block_metrics": {
-            "size": k,
-            "block_influence": (1 - stats.block_cosine(k)).tolist(),
-            "streamline_similarity": Streamline.similarity(stats, k).tolist(),
-            "angular_distance": stats.block_angular(k).tolist(),
-        },
-    }

@@ -99,6 +99,7 @@ def method_label(config: dict[str, Any]) -> str:
         return str(config["method"])
     scorer = snake(str(get(config, "scorer._target_")).rsplit(".", 1)[-1])
     steps = get(config, "recovery.steps") or []
+    steps = steps.values() if isinstance(steps, dict) else steps  # a list in older runs
     names = [s.get("kind") or snake(s["_target_"].rsplit(".", 1)[-1]).split("_")[0] for s in steps]
     return "+".join([scorer, *names])
 

@@ -11,7 +11,7 @@ import re
 import resource
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,6 +19,12 @@ import torch
 
 T = TypeVar("T")
 PROC_SELF = Path("/proc/self")
+Stage = Callable[[str], AbstractContextManager[object]]  # e.g. Timer().stage
+
+
+def untimed(_name: str) -> AbstractContextManager[object]:
+    """A ``Stage`` that times nothing."""
+    return nullcontext()
 
 
 class Timer:

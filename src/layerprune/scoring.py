@@ -310,12 +310,10 @@ class Last(Scorer):
         return imp
 
 
-METRIC_SCORERS: tuple[type[Scorer], ...] = (BlockInfluence, Streamline, Angular)
-
-
 def layer_metric_definitions() -> list[LayerMetric]:
-    """The statistics scores.json records and the figures draw, in that order."""
-    return [scorer.metric for scorer in METRIC_SCORERS if scorer.metric is not None]
+    """The statistics scores.json records and the figures draw: the ``metric`` of every scorer
+    that has one, in the order the scorers are defined above."""
+    return [scorer.metric for scorer in Scorer.__subclasses__() if scorer.metric is not None]
 
 
 def layer_metrics(stats: LayerStats, block_size: int) -> dict[str, dict[str, Any]]:
