@@ -23,6 +23,7 @@ from layerprune.lm_eval_compat import (
     index_entry,
     index_names,
     logged_doc,
+    quiet_git_hash,
 )
 from layerprune.mirror import prepare_tasks
 from layerprune.models import LoadedModel
@@ -137,3 +138,19 @@ def loglikelihood(loaded: LoadedModel, context: str, continuation: str) -> float
     logprobs = torch.log_softmax(loaded.model(input_ids=ids).logits[0, :-1].double(), dim=-1)
     targets = ids[0, len(ctx) :]
     return float(logprobs[len(ctx) - 1 :].gather(1, targets[:, None]).sum())
+
+
+def test_the_git_hash_query_is_quiet_outside_a_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import lm_eval.evaluator
+
+    monkeypatch.chdir(tmp_path)  # not a git checkout
+    original = lm_eval.evaluator.get_git_commit_hash
+    with quiet_git_hash():
+        assert lm_eval.evaluator.get_git_commit_hash is not original
+        assert lm_eval.evaluator.get_git_commit_hash() is None
+    assert lm_eval.evaluator.get_git_commit_hash is original
+    assert capfd.readouterr().err == ""
+    original()  # lm-eval's own prints git's complaint: the reason for the wrapper
+    assert "not a git repository" in capfd.readouterr().err

@@ -25,7 +25,12 @@ from lm_eval.models.huggingface import HFLM
 from layerprune.cache import JsonCache
 from layerprune.errors import LayerpruneError
 from layerprune.files import cache_root
-from layerprune.lm_eval_compat import continuation_tokens, effective_sample_counts, logged_doc
+from layerprune.lm_eval_compat import (
+    continuation_tokens,
+    effective_sample_counts,
+    logged_doc,
+    quiet_git_hash,
+)
 from layerprune.mirror import TaskSource, prepare_tasks
 from layerprune.models import LoadedModel
 from layerprune.perplexity import perplexity_of_file
@@ -165,20 +170,21 @@ def evaluate(loaded: LoadedModel, suite: EvalSuite, source: TaskSource) -> Evalu
         max_length=suite.max_length,
         device=str(next(model.parameters()).device),
     )
-    results = lm_eval.simple_evaluate(
-        model=hflm,
-        tasks=list(suite.tasks),
-        num_fewshot=suite.num_fewshot,
-        limit=suite.limit,
-        samples=suite.samples,
-        task_manager=source.manager,
-        log_samples=True,
-        random_seed=suite.seed,
-        numpy_random_seed=suite.seed,
-        torch_random_seed=suite.seed,
-        fewshot_random_seed=suite.seed,
-        bootstrap_iters=0,
-    )
+    with quiet_git_hash():
+        results = lm_eval.simple_evaluate(
+            model=hflm,
+            tasks=list(suite.tasks),
+            num_fewshot=suite.num_fewshot,
+            limit=suite.limit,
+            samples=suite.samples,
+            task_manager=source.manager,
+            log_samples=True,
+            random_seed=suite.seed,
+            numpy_random_seed=suite.seed,
+            torch_random_seed=suite.seed,
+            fewshot_random_seed=suite.seed,
+            bootstrap_iters=0,
+        )
     if results is None:
         raise RuntimeError("lm-eval returned no results")
     choice_tasks = [leaf.name for leaf in source.leaves if leaf.output_type == "multiple_choice"]

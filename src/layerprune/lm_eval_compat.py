@@ -9,6 +9,9 @@ renames or reshapes one of them fails there, by name, instead of deep inside an 
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -93,3 +96,26 @@ def logged_doc(row: dict[str, Any]) -> LoggedDoc:
 def effective_sample_counts(results: dict[str, Any]) -> dict[str, int]:
     """Documents each task was evaluated on (after ``limit``), from lm-eval's results."""
     return {task: int(v["effective"]) for task, v in results.get("n-samples", {}).items()}
+
+
+def _git_describe_quietly() -> str | None:
+    try:
+        out = subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL)
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
+    return out.decode().strip()
+
+
+@contextmanager
+def quiet_git_hash() -> Iterator[None]:
+    """``simple_evaluate`` records the working folder's git commit by running ``git
+    describe``, which, outside a checkout, prints "fatal: not a git repository" straight to
+    the console; inside this context the same query runs with its stderr discarded."""
+    import lm_eval.evaluator
+
+    original = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = _git_describe_quietly
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = original

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from layerprune.files import atomic_write, read_json, write_text
 from layerprune.plots import draw_metrics
+from layerprune.records import run_records
 
 Run = dict[str, Any]
 Key = tuple[Any, ...]  # (model, sparsity unit, sparsity amount, method, *group-by values)
@@ -62,10 +63,7 @@ def find_runs(roots: Iterable[Path]) -> list[Run]:
     each with its ``run_dir``. metrics.json is written last and atomically, so it is complete."""
     runs = []
     for root in roots:
-        for path in sorted(root.glob("**/metrics.json")):
-            record = read_json(path)
-            if record.get("kind") == "layerprune.run":
-                runs.append({**record, "run_dir": str(path.parent)})
+        runs += [{**record, "run_dir": str(folder)} for folder, record in run_records(root)]
         for path in sorted(root.glob("**/.hydra/config.yaml")):
             job = path.parent.parent
             if not (job / "metrics.json").exists():
