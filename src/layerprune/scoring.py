@@ -59,24 +59,20 @@ class LayerStats:
         """ShortGPT's BI_i = 1 - E[cos(h_i, h_{i+1})]."""
         return 1 - self.block_cosine(1)
 
+    MATRICES = ("cosine", "angular")
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "cosine": self.cosine.tolist(),
-            "angular": self.angular.tolist(),
-            "n_tokens": self.n_tokens,
-            "n_windows": self.n_windows,
-            "convention": self.convention,
-        }
+        """Plain JSON data (the scores cache stores it)."""
+        data = {k: v for k, v in vars(self).items() if k not in self.MATRICES}
+        return {**{k: getattr(self, k).tolist() for k in self.MATRICES}, **data}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerStats:
+        matrices = {k: torch.tensor(d[k], dtype=torch.float64) for k in cls.MATRICES}
         return cls(
-            cosine=torch.tensor(d["cosine"], dtype=torch.float64),
-            angular=torch.tensor(d["angular"], dtype=torch.float64),
-            n_tokens=int(d["n_tokens"]),
-            n_windows=int(d["n_windows"]),
+            **matrices, n_tokens=int(d["n_tokens"]), n_windows=int(d["n_windows"]),
             convention=str(d["convention"]),
-        )
+        )  # fmt: skip
 
 
 def layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
