@@ -1,0 +1,64 @@
+"""The shared-context backend gives lm-eval's own answers, request by request."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lm_eval.models.huggingface import HFLM
+
+from layerprune.fastlm import SharedContextLM
+
+from .conftest import load
+
+MODELS = ["tiny_llama", "tiny_qwen2", "tiny_gemma3", "tiny_mistral", "tiny_qwen3", "tiny_opt"]
+
+
+def requests(vocab: int, seed: int = 0) -> list[tuple[tuple[str, str], list[int], list[int]]]:
+    """Shared contexts with 1-token and multi-token options, lone contexts, one too long."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def toks(n: int) -> list[int]:
+        return torch.randint(3, vocab - 3, (n,), generator=gen).tolist()
+
+    out = []
+    for n_ctx, options in [
+        (5, [1, 1, 1, 1]),
+        (23, [3, 1, 7, 2]),
+        (40, [4, 4]),
+        (2, [9]),
+        (17, [1]),
+    ]:
+        context = toks(n_ctx)
+        out += [(("c", "x"), context, toks(n)) for n in options]
+    out.append((("c", "x"), toks(70), toks(5)))  # longer than max_length=64: HFLM truncates
+    return out
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_same_loglikelihoods_and_greedy_flags_as_hflm(name: str) -> None:
+    loaded = load(name)
+    args = {"pretrained": loaded.model, "tokenizer": loaded.tokenizer, "max_length": 64,
+            "device": "cpu", "batch_size": 4}  # fmt: skip
+    reqs = requests(len(loaded.tokenizer))
+    reference = HFLM(**args)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    got = SharedContextLM(**args)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert len(got) == len(reference) == len(reqs)
+    for (ll, greedy), (ll_ref, greedy_ref) in zip(got, reference, strict=True):
+        assert abs(ll - ll_ref) <= 1e-4
+        assert greedy == greedy_ref
+
+
+def test_a_greedy_continuation_is_flagged() -> None:
+    loaded = load("tiny_llama")
+    lm = SharedContextLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, device="cpu")
+    context = [5, 6, 7, 8]
+    ids = torch.tensor([context])
+    greedy = []
+    with torch.no_grad():
+        for _ in range(3):
+            nxt = int(loaded.model(input_ids=ids).logits[0, -1].argmax())
+            greedy.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    other = [(greedy[0] + 1) % 200 + 3, *greedy[1:]]
+    (_, is_greedy), (_, not_greedy) = lm._score(context, [greedy, other])
+    assert is_greedy and not not_greedy
