@@ -4,9 +4,15 @@ Hydra's run folder. Everything else lives in the library; this module only compo
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +22,16 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from layerprune import console
+from layerprune.cache import warn_unwritable
 from layerprune.errors import LayerpruneError
 from layerprune.pipeline import Evaluator, Job, NoEvaluator, ScoringSettings
 from layerprune.pipeline import run as run_job
 from layerprune.recovery import Recovery
 from layerprune.selection import Sparsity
+from layerprune.validation import check_config, check_job
 
 log = logging.getLogger("layerprune")
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package
@@ -42,6 +51,7 @@ def default_mirror() -> str:
 
 
 OmegaConf.register_new_resolver("lp_mirror", default_mirror, replace=True)
+OmegaConf.register_new_resolver("lp_pid", os.getpid, replace=True)  # unique run folder names
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
@@ -69,14 +79,31 @@ def evaluator_for(cfg: DictConfig) -> Evaluator:
         return NoEvaluator()
     from layerprune.evaluation import Evaluator as LmEvalEvaluator
 
-    return LmEvalEvaluator(build(cfg.eval), cfg.data.mirror, cfg.paths.cache)
+    suite = build(cfg.eval)
+    try:
+        return LmEvalEvaluator(suite, cfg.data.mirror, cfg.paths.cache)
+    except OSError as e:  # the task YAMLs cannot be written into the cache: a private one
+        warn_unwritable("tasks", e)
+        private = tempfile.mkdtemp(prefix="layerprune-cache-")
+        atexit.register(shutil.rmtree, private, True)
+        return LmEvalEvaluator(suite, cfg.data.mirror, private)
+
+
+def window_lengths(cfg: DictConfig) -> dict[str, int]:
+    """Window lengths the loaded model must accept, by config key (checked after loading)."""
+    lengths = {"calibration.seq_len": int(cfg.calibration.seq_len)}
+    if cfg.recovery.get("steps") and cfg.recovery.get("train_data"):
+        lengths["recovery.train_data.seq_len"] = int(cfg.recovery.train_data.seq_len)
+    if cfg.get("eval") and cfg.eval.get("perplexity"):
+        lengths["eval.perplexity.seq_len"] = int(cfg.eval.perplexity.seq_len)
+    return lengths
 
 
 def job_from_config(cfg: DictConfig) -> Job:
     """Every object the run needs, built (and so checked) before any model is loaded."""
     scorer = build(cfg.scorer)
     recovery = Recovery(**build(cfg.recovery))
-    recovery.check(scorer)
+    check_job(recovery, scorer)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
     return Job(
@@ -93,12 +120,35 @@ def job_from_config(cfg: DictConfig) -> Job:
         runs_dir=Path(cfg.paths.runs),
         save_model=bool(cfg.save_model),
         force=bool(cfg.force),
+        window_lengths=window_lengths(cfg),
     )
 
 
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Environment problems become one-line errors naming the path: I/O errors on the run,
+    cache or data folders (read-only, full disk, a file where a folder should be), a config
+    value that does not resolve, a data mirror file that is not the JSON lm-eval expects."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename or "a file or folder"
+        raise LayerpruneError(
+            f"{where}: {e.strerror or e}; allowed: a readable and writable path "
+            "(check permissions, free space, and that its parent is a folder)"
+        ) from e
+    except OmegaConfBaseException as e:
+        raise LayerpruneError(f"{str(e).splitlines()[0]}; allowed: a complete config") from e
+
+
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    """One job from a composed config; returns its metrics.json record."""
-    return run_job(job_from_config(cfg), out)
+    """One job from a composed config; returns its metrics.json record. Every value the config
+    decides is checked before any object is built or any model loaded."""
+    with user_errors():
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        assert isinstance(plain, dict)
+        check_config({str(k): v for k, v in plain.items()})
+        return run_job(job_from_config(cfg), out)
 
 
 def share_sweep_group(cfg: DictConfig) -> None:
@@ -117,6 +167,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg, out)
     except LayerpruneError as e:
+        if cfg.get("debug"):
+            traceback.print_exc()
         print(f"layerprune: error: {e}", file=sys.stderr)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # Hydra marks the job failed, runs the rest and exits non-zero at the end
