@@ -31,7 +31,7 @@ from layerprune.pipeline import Evaluator, Job, NoEvaluator, ScoringSettings
 from layerprune.pipeline import run as run_job
 from layerprune.recovery import Recovery
 from layerprune.selection import Sparsity
-from layerprune.validation import check_config, check_job
+from layerprune.validation import check_config, check_job, check_jsonl
 
 log = logging.getLogger("layerprune")
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package
@@ -81,12 +81,19 @@ def evaluator_for(cfg: DictConfig) -> Evaluator:
 
     suite = build(cfg.eval)
     try:
-        return LmEvalEvaluator(suite, cfg.data.mirror, cfg.paths.cache)
+        evaluator = LmEvalEvaluator(suite, cfg.data.mirror, cfg.paths.cache)
     except OSError as e:  # the task YAMLs cannot be written into the cache: a private one
         warn_unwritable("tasks", e)
         private = tempfile.mkdtemp(prefix="layerprune-cache-")
         atexit.register(shutil.rmtree, private, True)
-        return LmEvalEvaluator(suite, cfg.data.mirror, private)
+        evaluator = LmEvalEvaluator(suite, cfg.data.mirror, private)
+    if (mirror := evaluator.source.mirror) is not None:  # the files lm-eval will read
+        for leaf in evaluator.source.leaves:
+            for split in {leaf.eval_split, leaf.fewshot_split if suite.num_fewshot else None}:
+                path = leaf.mirror_dir(mirror) / f"{split}.jsonl"
+                if split and path.is_file():
+                    check_jsonl("data.mirror", path)
+    return evaluator
 
 
 def window_lengths(cfg: DictConfig) -> dict[str, int]:
@@ -102,7 +109,9 @@ def window_lengths(cfg: DictConfig) -> dict[str, int]:
 def job_from_config(cfg: DictConfig) -> Job:
     """Every object the run needs, built (and so checked) before any model is loaded."""
     scorer = build(cfg.scorer)
-    recovery = Recovery(**build(cfg.recovery))
+    steps = build(cfg.recovery.steps) if cfg.recovery.get("steps") else {}
+    train = cfg.recovery.get("train_data")  # read only when a step trains on it
+    recovery = Recovery(steps, build(train) if steps and train else None)
     check_job(recovery, scorer)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)

@@ -13,6 +13,7 @@ resolved config, ``???`` where a mandatory value is unset), so this module needs
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -396,3 +397,28 @@ def check_model(
                 "layer, swiglu, ffn or lora: this architecture normalises its MLP output, so "
                 "the linear fold is not exact",
             )  # fmt: skip
+
+
+def check_jsonl(key: str, path: Path) -> None:
+    """A data mirror file: every line one JSON object with the fields of the first line."""
+    fields: set[str] | None = None
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise invalid(key, f"{path} (line {number} is not JSON: {e})",
+                                  "JSON Lines, one object a line") from None  # fmt: skip
+                if not isinstance(row, dict):
+                    raise invalid(key, f"{path} (line {number} is not an object)", "JSON Lines, "
+                                  "one object a line")  # fmt: skip
+                if fields is None:
+                    fields = set(row)
+                elif missing := fields - set(row):
+                    raise invalid(key, f"{path} (line {number} lacks {sorted(missing)})",
+                                  "rows with the task's fields")  # fmt: skip
+    except UnicodeDecodeError as e:
+        raise invalid(key, f"{path} (not UTF-8 at offset {e.start})", "UTF-8 JSON Lines") from None
