@@ -181,3 +181,38 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("layerprune: error: seed: -1;")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("model_type", "model: tiny_llama (its config has no model_type); allowed:"),
+        ("layers", "model: tiny_llama (0 decoder layers); allowed: a model with >= 2 layers"),
+    ],
+)
+def test_a_loaded_model_without_layers_or_type_is_refused(change: str, message: str) -> None:
+    from layerprune.recovery import Recovery
+    from layerprune.selection import Sparsity
+    from layerprune.validation import check_model
+
+    from .conftest import load
+
+    loaded = load("tiny_llama")
+    if change == "model_type":
+        loaded.model.config.model_type = ""
+    else:
+        del loaded.model.model.layers[:]
+    with pytest.raises(LayerpruneError) as err:
+        check_model(loaded, Sparsity(0.25), Recovery({}, None), {"calibration.seq_len": 32})
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_cli_runs_folder_under_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    result = cli(*TINY, f"paths.runs={tmp_path / 'file' / 'runs'}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"layerprune: error: paths.runs: {tmp_path / 'file' / 'runs'} "
+        f"({tmp_path / 'file' / 'runs'}: Not a directory); allowed: a folder that can be created "
+        "and written"
+    ]

@@ -234,3 +234,20 @@ def test_run_folders_carry_the_pid() -> None:
     hydra = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))["hydra"]
     assert hydra["run"]["dir"].endswith("${now:%H-%M-%S}-${lp_pid:}")
     assert hydra["sweep"]["dir"].endswith("${now:%H-%M-%S}-${lp_pid:}")
+
+
+def test_an_evaluated_run_with_a_cache_under_a_file_finishes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "file").write_text("")
+    args = [a for a in TINY if not a.startswith("eval=")]
+    cfg = compose_config([
+        *args, "eval=quick", "eval.tasks=[piqa]", "eval.limit=2", "eval.perplexity.max_tokens=64",
+        "eval.perplexity.seq_len=32", f"paths.cache={tmp_path / 'file' / 'cache'}",
+    ])  # fmt: skip
+    record = run_config(cfg, tmp_path / "run")
+    assert record["eval"]["tasks"][0]["task"] == "piqa"
+    warned = [r.getMessage() for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert sorted(w.split()[2] for w in warned) == sorted(
+        [str(tmp_path / "file" / "cache" / k) for k in ("scores", "dense_eval")] + ["tasks"]
+    )

@@ -185,5 +185,25 @@ def _hydra_main(cfg: DictConfig) -> None:
     log.info("results    %s", out)
 
 
+def check_output_folders(args: list[str]) -> None:
+    """Hydra creates the run folder before the job starts, and reports a failure with a
+    traceback: create the folders the command line names (``paths.runs``, ``hydra.run.dir``,
+    ``hydra.sweep.dir``) first, and fail in one line."""
+    given = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+    keys = ("paths.runs", "hydra.run.dir", "hydra.sweep.dir")
+    folders = {k: given[k] for k in keys if k in given and "${" not in given[k]}
+    for key, folder in folders.items():
+        try:
+            Path(folder).expanduser().mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(
+                f"layerprune: error: {key}: {folder} ({e.filename}: {e.strerror}); allowed: a "
+                "folder that can be created and written",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+
+
 def main() -> None:
+    check_output_folders(sys.argv[1:])
     _hydra_main()

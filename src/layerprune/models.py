@@ -263,7 +263,7 @@ def converted_folder(
         problem = folder_problem(entry)
         if problem is None:
             return entry, False
-        log.warning("warning: converted model %s is damaged (%s); rebuilding it", entry, problem)
+        log.warning("warning: converted model %s is not intact (%s); rebuilding it", entry, problem)
     try:
         if entry.exists():
             _discard(entry)
