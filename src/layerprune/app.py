@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from layerprune import console
 from layerprune.cache import warn_unwritable
 from layerprune.errors import LayerpruneError
+from layerprune.files import cache_root
 from layerprune.pipeline import Evaluator, Job, NoEvaluator, ScoringSettings
 from layerprune.pipeline import run as run_job
 from layerprune.recovery import Recovery
@@ -83,7 +84,7 @@ def evaluator_for(cfg: DictConfig) -> Evaluator:
     try:
         evaluator = LmEvalEvaluator(suite, cfg.data.mirror, cfg.paths.cache)
     except OSError as e:  # the task YAMLs cannot be written into the cache: a private one
-        warn_unwritable("tasks", e)
+        warn_unwritable(str(cache_root(cfg.paths.cache) / "tasks"), e)
         private = tempfile.mkdtemp(prefix="layerprune-cache-")
         atexit.register(shutil.rmtree, private, True)
         evaluator = LmEvalEvaluator(suite, cfg.data.mirror, private)
