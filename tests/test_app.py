@@ -60,12 +60,12 @@ def test_run_writes_scores_plan_and_plot(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("sparsity=0", "sparsity must be > 0; got 0.0"),
-        ("sparsity=6", "sparsity as a layer_ratio must be in (0, 1); got 6.0"),
+        ("sparsity=0", "sparsity: 0; allowed: a number in (0, 1)"),
+        ("sparsity=6", "sparsity: 6; allowed: a number in (0, 1)"),
         ("sparsity_unit=layers sparsity=6", "removes 6 of 6 layers; keep at least one"),
-        ("calibration.path=/no/such.txt", "calibration file '/no/such.txt' does not exist"),
+        ("calibration.path=/no/such.txt", "calibration.path: /no/such.txt (no such file)"),
         ("calibration.path={tmp}/short.txt", "gives 11 tokens = 0 windows of 32; need n=4"),
-        ("scorer.selection=blocks", "unknown selection 'blocks'"),
+        ("scorer.selection=blocks", "scorer.selection: blocks; allowed: independent, contiguous"),
     ],
 )
 def test_bad_input_is_one_clear_error(override: str, message: str, tmp_path: Path) -> None:
@@ -87,7 +87,8 @@ def test_cli_error_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert (
         result.stderr.strip().splitlines()[-1]
-        == "layerprune: error: sparsity must be > 0; got -1.0"
+        == "layerprune: error: sparsity: -1; allowed: a number in (0, 1) as a layer_ratio (or "
+        "sparsity_unit=layers for a count)"
     )
     assert not OUTPUTS & {p.name for p in (tmp_path / "run").iterdir()}
 
@@ -116,7 +117,7 @@ def test_a_failed_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
         "-m", *TINY, "sparsity=-1,0.25", "hydra.sweep.dir=sweep", cwd=tmp_path
     )  # fmt: skip
     assert result.returncode != 0
-    assert "layerprune: error: sparsity must be > 0; got -1.0" in result.stderr
+    assert "layerprune: error: sparsity: -1; allowed: a number in (0, 1)" in result.stderr
     failed, finished = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert failed.name.startswith("0_") and not (failed / "metrics.json").exists()
     assert json.loads((finished / "metrics.json").read_text())["plan"]["sparsity"]["amount"] == 0.25

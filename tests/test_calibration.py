@@ -59,3 +59,10 @@ def test_missing_file_and_bad_sizes(tmp_path: Path) -> None:
         TextFile(path="/nonexistent.txt")
     with pytest.raises(LayerpruneError, match="n >= 1 and seq_len >= 2; got n=0"):
         TextFile(n=0, path=write(tmp_path, "abc"))
+
+
+def test_a_file_that_is_not_utf8_is_one_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    with pytest.raises(LayerpruneError, match=r"is not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        list(TextFile(path=str(path)).documents())

@@ -4,9 +4,15 @@ Hydra's run folder. Everything else lives in the library; this module only compo
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +22,17 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from layerprune import console
+from layerprune.cache import warn_unwritable
 from layerprune.errors import LayerpruneError
+from layerprune.files import cache_root
 from layerprune.pipeline import Evaluator, Job, NoEvaluator, ScoringSettings
 from layerprune.pipeline import run as run_job
 from layerprune.recovery import Recovery
 from layerprune.selection import Sparsity
+from layerprune.validation import check_config, check_job, check_jsonl
 
 log = logging.getLogger("layerprune")
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package
@@ -42,6 +52,7 @@ def default_mirror() -> str:
 
 
 OmegaConf.register_new_resolver("lp_mirror", default_mirror, replace=True)
+OmegaConf.register_new_resolver("lp_pid", os.getpid, replace=True)  # unique run folder names
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
@@ -69,14 +80,40 @@ def evaluator_for(cfg: DictConfig) -> Evaluator:
         return NoEvaluator()
     from layerprune.evaluation import Evaluator as LmEvalEvaluator
 
-    return LmEvalEvaluator(build(cfg.eval), cfg.data.mirror, cfg.paths.cache)
+    suite = build(cfg.eval)
+    try:
+        evaluator = LmEvalEvaluator(suite, cfg.data.mirror, cfg.paths.cache)
+    except OSError as e:  # the task YAMLs cannot be written into the cache: a private one
+        warn_unwritable(str(cache_root(cfg.paths.cache) / "tasks"), e)
+        private = tempfile.mkdtemp(prefix="layerprune-cache-")
+        atexit.register(shutil.rmtree, private, True)
+        evaluator = LmEvalEvaluator(suite, cfg.data.mirror, private)
+    if (mirror := evaluator.source.mirror) is not None:  # the files lm-eval will read
+        for leaf in evaluator.source.leaves:
+            for split in {leaf.eval_split, leaf.fewshot_split if suite.num_fewshot else None}:
+                path = leaf.mirror_dir(mirror) / f"{split}.jsonl"
+                if split and path.is_file():
+                    check_jsonl("data.mirror", path)
+    return evaluator
+
+
+def window_lengths(cfg: DictConfig) -> dict[str, int]:
+    """Window lengths the loaded model must accept, by config key (checked after loading)."""
+    lengths = {"calibration.seq_len": int(cfg.calibration.seq_len)}
+    if cfg.recovery.get("steps") and cfg.recovery.get("train_data"):
+        lengths["recovery.train_data.seq_len"] = int(cfg.recovery.train_data.seq_len)
+    if cfg.get("eval") and cfg.eval.get("perplexity"):
+        lengths["eval.perplexity.seq_len"] = int(cfg.eval.perplexity.seq_len)
+    return lengths
 
 
 def job_from_config(cfg: DictConfig) -> Job:
     """Every object the run needs, built (and so checked) before any model is loaded."""
     scorer = build(cfg.scorer)
-    recovery = Recovery(**build(cfg.recovery))
-    recovery.check(scorer)
+    steps = build(cfg.recovery.steps) if cfg.recovery.get("steps") else {}
+    train = cfg.recovery.get("train_data")  # read only when a step trains on it
+    recovery = Recovery(steps, build(train) if steps and train else None)
+    check_job(recovery, scorer)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
     return Job(
@@ -93,12 +130,35 @@ def job_from_config(cfg: DictConfig) -> Job:
         runs_dir=Path(cfg.paths.runs),
         save_model=bool(cfg.save_model),
         force=bool(cfg.force),
+        window_lengths=window_lengths(cfg),
     )
 
 
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Environment problems become one-line errors naming the path: I/O errors on the run,
+    cache or data folders (read-only, full disk, a file where a folder should be), a config
+    value that does not resolve, a data mirror file that is not the JSON lm-eval expects."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename or "a file or folder"
+        raise LayerpruneError(
+            f"{where}: {e.strerror or e}; allowed: a readable and writable path "
+            "(check permissions, free space, and that its parent is a folder)"
+        ) from e
+    except OmegaConfBaseException as e:
+        raise LayerpruneError(f"{str(e).splitlines()[0]}; allowed: a complete config") from e
+
+
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    """One job from a composed config; returns its metrics.json record."""
-    return run_job(job_from_config(cfg), out)
+    """One job from a composed config; returns its metrics.json record. Every value the config
+    decides is checked before any object is built or any model loaded."""
+    with user_errors():
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        assert isinstance(plain, dict)
+        check_config({str(k): v for k, v in plain.items()})
+        return run_job(job_from_config(cfg), out)
 
 
 def share_sweep_group(cfg: DictConfig) -> None:
@@ -117,6 +177,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg, out)
     except LayerpruneError as e:
+        if cfg.get("debug"):
+            traceback.print_exc()
         print(f"layerprune: error: {e}", file=sys.stderr)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # Hydra marks the job failed, runs the rest and exits non-zero at the end
@@ -124,5 +186,25 @@ def _hydra_main(cfg: DictConfig) -> None:
     log.info("results    %s", out)
 
 
+def check_output_folders(args: list[str]) -> None:
+    """Hydra creates the run folder before the job starts, and reports a failure with a
+    traceback: create the folders the command line names (``paths.runs``, ``hydra.run.dir``,
+    ``hydra.sweep.dir``) first, and fail in one line."""
+    given = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+    keys = ("paths.runs", "hydra.run.dir", "hydra.sweep.dir")
+    folders = {k: given[k] for k in keys if k in given and "${" not in given[k]}
+    for key, folder in folders.items():
+        try:
+            Path(folder).expanduser().mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(
+                f"layerprune: error: {key}: {folder} ({e.filename}: {e.strerror}); allowed: a "
+                "folder that can be created and written",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+
+
 def main() -> None:
+    check_output_folders(sys.argv[1:])
     _hydra_main()

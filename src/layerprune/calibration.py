@@ -116,7 +116,14 @@ class TextFile(Calibration):
         return f"'{self.path}'"
 
     def documents(self) -> Iterator[str]:
-        yield from split_documents(Path(self.path).read_text(encoding="utf-8"))
+        try:
+            text = Path(self.path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise LayerpruneError(
+                f"calibration file '{self.path}' is not UTF-8 text (byte "
+                f"{e.object[e.start]:#04x} at offset {e.start}); allowed: a UTF-8 text file"
+            ) from None
+        yield from split_documents(text)
 
     def identity(self) -> dict[str, Any]:
         stat = Path(self.path).stat()

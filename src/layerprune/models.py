@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,10 +26,20 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from layerprune.cache import digest
+from layerprune.cache import digest, warn_unwritable
 from layerprune.errors import LayerpruneError
-from layerprune.files import cache_root, commit_dir, write_json
+from layerprune.files import (
+    LOCK_NAME,
+    cache_root,
+    clean_stale,
+    commit_dir,
+    locked_staging_dir,
+    read_json,
+    write_json,
+)
 
+log = logging.getLogger(__name__)
+SOURCE = "layerprune_source.json"  # written last into a converted folder: what it holds
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONVERSION_CHECK_TEXT = "The quick brown fox jumps over the lazy dog. Layer pruning keeps"
 
@@ -168,6 +180,108 @@ def _convert_gguf(gguf: Path, out: Path, sha256: str) -> dict[str, Any]:
     return {"gguf_sha256": sha256, "gguf_file": gguf.name, "check_max_abs_logit_diff": diff}
 
 
+def sha256_of(path: Path) -> str:
+    """The file's sha256 (0.6 s for SmolLM2-135M's 540 MB on one CPU core)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a converted folder, checked each time it is used."""
+    return {
+        f.name: {"size": f.stat().st_size, "sha256": sha256_of(f)}
+        for f in sorted(folder.iterdir())
+        if f.is_file() and f.name not in (SOURCE, LOCK_NAME)
+    }
+
+
+def folder_problem(entry: Path) -> str | None:
+    """Why a converted model folder cannot be trusted (changed, truncated or missing files, an
+    unfinished conversion), or None when every recorded file has its size and hash."""
+    try:
+        info = read_json(entry / SOURCE)
+    except FileNotFoundError:
+        return f"no {SOURCE}: its conversion did not finish"
+    except (OSError, ValueError) as e:
+        return f"{SOURCE} is unreadable ({e})"
+    files = info.get("files") if isinstance(info, dict) else None
+    if not isinstance(files, dict) or not files:
+        return f"{SOURCE} records no file sizes and hashes (made by an older layerprune)"
+    for fname, expected in files.items():
+        path = entry / fname
+        try:
+            size = path.stat().st_size
+            if size != expected["size"]:
+                return f"{fname} has {size} bytes, {expected['size']} expected"
+            if sha256_of(path) != expected["sha256"]:
+                return f"{fname} has changed (its sha256 differs)"
+        except FileNotFoundError:
+            return f"{fname} is missing"
+        except OSError as e:
+            return f"{fname} is unreadable ({e.strerror})"
+    return None
+
+
+def _convert_into(
+    folder: Path, files: list[Path], name: str, pip: list[str], sha256: str | None
+) -> None:
+    """Assemble the GGUF parts, check the hash, convert, and record every file's hash."""
+    gguf = folder / "gguf" / f"{name}.gguf"
+    gguf.parent.mkdir()
+    got = _assemble(files, gguf)
+    if sha256 and got != sha256:
+        raise LayerpruneError(
+            f"model '{name}': assembled GGUF has sha256 {got}, expected {sha256}; "
+            f"reinstall with: pip install --no-deps --force-reinstall {' '.join(pip)}"
+        )
+    info = _convert_gguf(gguf, folder / "model", got)
+    shutil.rmtree(gguf.parent)
+    for f in (folder / "model").iterdir():
+        f.rename(folder / f.name)
+    (folder / "model").rmdir()
+    write_json(folder / SOURCE, {**info, "files": file_record(folder)})
+
+
+def _discard(entry: Path) -> None:
+    """Move a damaged folder out of the way (readers that have it open keep their files)."""
+    aside = entry.with_name(f".{entry.name}.{os.getpid()}.discarded")
+    entry.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def converted_folder(
+    name: str, files: list[Path], pip: list[str], sha256: str | None, entry: Path
+) -> tuple[Path, bool]:
+    """The verified converted folder ``entry``, (re)built from the GGUF when it is missing or
+    damaged; ``(folder, temporary)``, where a cache that cannot be written gives a temporary
+    folder for this run only (reported once)."""
+    clean_stale(entry.parent)
+    if entry.exists():
+        problem = folder_problem(entry)
+        if problem is None:
+            return entry, False
+        log.warning("warning: converted model %s is not intact (%s); rebuilding it", entry, problem)
+    try:
+        if entry.exists():
+            _discard(entry)
+        with locked_staging_dir(entry) as tmp:
+            _convert_into(tmp, files, name, pip, sha256)
+            commit_dir(tmp, entry)
+        return entry, False
+    except OSError as e:
+        warn_unwritable(str(entry.parent), e)
+    tmp = Path(tempfile.mkdtemp(prefix=f"layerprune-{name}-"))
+    try:
+        _convert_into(tmp, files, name, pip, sha256)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp, True
+
+
 def from_packaged_gguf(
     name: str,
     parts: list[str],
@@ -176,40 +290,28 @@ def from_packaged_gguf(
     dtype: str = "auto",
     device: str = "auto",
     cache_dir: str | None = None,
+    model_type: str | None = None,
 ) -> LoadedModel:
     """A GGUF model shipped inside PyPI packages, converted once into a safetensors cache.
 
     ``parts`` are ``module/relative/path`` entries; several are concatenated in order.
     ``cache_dir`` is the cache root (default ``$LAYERPRUNE_CACHE`` or ~/.cache/layerprune).
+    The converted folder records each file's size and sha256; a folder that no longer matches
+    is reported and rebuilt. ``model_type`` is the transformers model type the GGUF holds, for
+    the config checks made before loading (:mod:`layerprune.validation`).
     """
     files = [_package_file(p, pip, name) for p in parts]
     key = sha256 or digest([(str(f), f.stat().st_size) for f in files])
     entry = cache_root(cache_dir) / "models" / f"{name}-{key[:16]}"
-    if not (entry / "layerprune_source.json").is_file():
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-        try:
-            gguf = tmp / "gguf" / f"{name}.gguf"
-            gguf.parent.mkdir()
-            got = _assemble(files, gguf)
-            if sha256 and got != sha256:
-                raise LayerpruneError(
-                    f"model '{name}': assembled GGUF has sha256 {got}, expected {sha256}; "
-                    f"reinstall with: pip install --no-deps --force-reinstall {' '.join(pip)}"
-                )
-            info = _convert_gguf(gguf, tmp / "model", got)
-            shutil.rmtree(gguf.parent)
-            for f in (tmp / "model").iterdir():
-                f.rename(tmp / f.name)
-            (tmp / "model").rmdir()
-            write_json(tmp / "layerprune_source.json", info)
-            commit_dir(tmp, entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    dev = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(entry, dtype=resolve_dtype(dtype, dev))
-    model.to(dev)  # type: ignore[arg-type]  # transformers types .to oddly
-    tokenizer = AutoTokenizer.from_pretrained(entry)
+    folder, temporary = converted_folder(name, files, pip, sha256, entry)
+    try:
+        dev = resolve_device(device)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, dev))
+        model.to(dev)  # type: ignore[arg-type]  # transformers types .to oddly
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    finally:
+        if temporary:
+            shutil.rmtree(folder, ignore_errors=True)
     source = f"{name}: {Path(parts[0]).name.split('.part')[0]} from PyPI {', '.join(pip)}"
     return _finish(model, tokenizer, name, ["gguf", key], source)
 

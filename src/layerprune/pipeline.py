@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from layerprune.cache import JsonCache
 from layerprune.calibration import Calibration
 from layerprune.export import save_checkpoint
-from layerprune.files import read_json, write_json
+from layerprune.files import cache_root, clean_stale, read_json, write_json
 from layerprune.layers import layer_param_counts, param_count
 from layerprune.models import LoadedModel
 from layerprune.plots import plot_importance
@@ -31,9 +31,11 @@ from layerprune.recovery import Recovery
 from layerprune.resources import Stage, Timer, peak_memory, reset_peak_memory, untimed
 from layerprune.scoring import Convention, LayerStats, Scorer, collect_layer_stats
 from layerprune.selection import Plan, Sparsity, make_plan
+from layerprune.validation import check_model
 
 log = logging.getLogger("layerprune")
 SCORES_VERSION = 1  # bump when the statistics' definition changes (invalidates the cache)
+CACHES = ("models", "scores", "dense_eval", "tasks")
 
 
 class Evaluator(Protocol):
@@ -100,6 +102,14 @@ class Job:
     runs_dir: Path | None = None
     save_model: bool = False
     force: bool = False
+    window_lengths: dict[str, int] = field(default_factory=dict)  # config key -> tokens
+
+    def lengths(self) -> dict[str, int]:
+        """Every window length the model must accept (checked after loading, by config key)."""
+        lengths = {"calibration.seq_len": self.calibration.seq_len}
+        if self.recovery.steps and self.recovery.train_data is not None:
+            lengths["recovery.train_data.seq_len"] = self.recovery.train_data.seq_len
+        return {**lengths, **self.window_lengths}
 
 
 def layer_stats(
@@ -152,17 +162,61 @@ def summary(loaded: LoadedModel, plan: Plan, scores_hit: bool) -> str:
     )
 
 
+def clean_litter(job: Job) -> None:
+    """Remove what killed runs left (temporary files, half-written folders), never what a
+    running process is still writing (see :func:`layerprune.files.clean_stale`)."""
+    root = cache_root(job.cache_dir)
+    removed = sum(clean_stale(root / kind) for kind in CACHES)
+    if job.runs_dir is not None:
+        removed += clean_stale(job.runs_dir, recursive=True)
+    if removed:
+        log.debug("removed %d stale temporary file(s) or folder(s)", removed)
+
+
+def log_to_tracker(
+    job: Job, record: dict[str, Any], scores: dict[str, Any], out: Path, results: Any = None
+) -> dict[str, Any]:
+    """Log a run and mark its metrics.json ``logged``; a tracker that fails leaves the mark
+    false, and the next run of the same config logs it (see :func:`run`)."""
+    try:
+        job.tracker.log_run({**record, "scores": scores}, out, results)
+    except Exception as e:  # the results stand; logging them is retried by the next run
+        log.warning("warning: logging the run failed (%s); the next run of this config logs it", e)
+        return record
+    record = {**record, "logged": True}
+    write_json(out / "metrics.json", record)
+    return record
+
+
+def finish_logging(job: Job, done: Path) -> dict[str, Any]:
+    """A finished run whose logging did not complete: log it now."""
+    record = dict(read_json(done / "metrics.json"))
+    if record.get("logged") is not False:
+        return record
+    log.info("logging the finished run in %s, whose logging did not complete", done)
+    scores_path = done / "scores.json"
+    scores = dict(read_json(scores_path)) if scores_path.is_file() else {}
+    return log_to_tracker(job, record, scores, done)
+
+
 def run(job: Job, out: Path) -> dict[str, Any]:
     """Run ``job`` into the folder ``out``; return the metrics.json record (or, when a finished
-    run of the same config exists under ``job.runs_dir``, that run's record)."""
+    run of the same config exists under ``job.runs_dir``, that run's record).
+
+    metrics.json is written with ``logged: false``, then the tracker logs the run, then the
+    mark turns true: a run killed or failing in between counts as finished, and the next run
+    of its config completes the logging instead of computing it again.
+    """
     key = config_hash(job.config)
+    clean_litter(job)
     if not job.force and job.runs_dir and (done := finished_run(job.runs_dir, key)):
         log.info("skipped: a finished run of this config (hash %s) is in %s", key, done)
-        return dict(read_json(done / "metrics.json"))
+        return finish_logging(job, done)
     timer = Timer()
     reset_peak_memory()
     with timer.stage("load"):
         loaded = job.load_model()
+    check_model(loaded, job.sparsity, job.recovery, job.lengths())
     train_windows = job.recovery.windows(loaded)
     with timer.stage("score"):
         stats, scores_hit = layer_stats(loaded, job.calibration, job.scoring, job.cache_dir)
@@ -190,6 +244,6 @@ def run(job: Job, out: Path) -> dict[str, Any]:
                 loaded, out / "model", plan, job.calibration, reports, evaluation, table or None
             )
     record = run_record(planned, key, scores_hit, reports, evaluation, timer.total(), peak_memory())
+    record["logged"] = False
     write_json(out / "metrics.json", record)
-    job.tracker.log_run({**record, "scores": scores}, out, job.evaluator.lm_eval_results)
-    return record
+    return log_to_tracker(job, record, scores, out, job.evaluator.lm_eval_results)

@@ -31,7 +31,8 @@ from layerprune.selection import Plan
 
 SCHEMA_VERSION = 1
 SCORES, PLAN, RUN = "layerprune.scores", "layerprune.plan", "layerprune.run"
-NOT_HASHED = ("paths", "logger", "force", "verbose")  # where results go and how they are shown
+# where results go and how they are shown
+NOT_HASHED = ("paths", "logger", "force", "verbose", "debug")
 
 
 def versions() -> dict[str, str]:
