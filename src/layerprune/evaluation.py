@@ -40,14 +40,15 @@ from layerprune.perplexity import perplexity_ci, perplexity_of_file
 from layerprune.resources import Stage, untimed
 from layerprune.stability import (
     Sample,
+    accuracy_stats,
     average_over_tasks,
-    baselines,
+    interval,
     paired_correct,
     stability_draws,
     task_stability,
     write_samples,
 )
-from layerprune.stats import ITERS, percentile_ci, resample_means, standard_error, wilson
+from layerprune.stats import ITERS, percentile_ci, resample_means
 
 log = logging.getLogger(__name__)
 LM_EVAL_VERSION = version("lm-eval")
@@ -319,27 +320,6 @@ def headline(
     return metric, values[metric]
 
 
-def interval(lo: float, hi: float) -> dict[str, float]:
-    return {"lo": lo, "hi": hi}
-
-
-def document_stats(
-    task: str, columns: np.ndarray, dense: list[Sample], seed: int, iters: int
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Per task, from its per-document 0/1 ``columns`` (dense right, pruned right): the
-    standard errors, 95% Wilson intervals, the paired bootstrap interval of the difference,
-    and the majority-class and chance accuracies; with the bootstrap draws of both means."""
-    n = len(columns)
-    draws = resample_means({task: columns}, iters, seed)[task]
-    stats: dict[str, Any] = {"n": n}
-    for i, side in enumerate(("dense", "pruned")):
-        stats[f"{side}_se"] = standard_error(columns[:, i])
-        stats[f"{side}_ci"] = interval(*wilson(float(columns[:, i].sum()), n))
-    stats["delta_ci"] = interval(*percentile_ci(draws[:, 1] - draws[:, 0]))
-    stats.update(baselines(dense))
-    return stats, draws
-
-
 def compare_perplexity(dense: Evaluation, pruned: Evaluation, seed: int, iters: int) -> dict:
     """Per text: both sides with a bootstrap CI over windows, and the pruned/dense ratio with a
     paired one (the same windows resampled for both)."""
@@ -384,7 +364,7 @@ def compare(
                 [paired_correct(dense.samples[n], pruned.samples[n], norm) for n in have]
             )
             golds = [s for n in have for s in dense.samples[n]]
-            stats, draws[task] = document_stats(task, cols, golds, seed, iters)
+            stats, draws[task] = accuracy_stats(cols, golds, seed, iters, task)
             row.update(stats)
         per_leaf = {
             name: task_stability(dense.samples[name], pruned.samples[name], norm, seed, iters, name)

@@ -21,7 +21,15 @@ import numpy as np
 
 from layerprune.errors import LayerpruneError
 from layerprune.files import atomic_write
-from layerprune.stats import ITERS, effective_sample_size, mcnemar, percentile_ci, resample_means
+from layerprune.stats import (
+    ITERS,
+    effective_sample_size,
+    mcnemar,
+    percentile_ci,
+    resample_means,
+    standard_error,
+    wilson,
+)
 
 
 @dataclass
@@ -226,6 +234,29 @@ def baselines(samples: Sequence[Sample]) -> dict[str, float]:
     }
 
 
+def interval(lo: float, hi: float) -> dict[str, float]:
+    """An interval as the run record keeps it (a mapping, so its ends reach W&B as numbers)."""
+    return {"lo": lo, "hi": hi}
+
+
+def accuracy_stats(
+    columns: np.ndarray, dense: Sequence[Sample], seed: int, iters: int, key: str
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Per task, from its per-document 0/1 ``columns`` (dense right, pruned right): the doc
+    count, standard errors, 95% Wilson intervals, the paired bootstrap interval of the
+    difference, and the majority-class and chance accuracies of the docs; with the bootstrap
+    draws of both means (``(iters, 2)``, the generator seeded by ``seed`` and ``key``)."""
+    n = len(columns)
+    draws = resample_means({key: columns}, iters, seed)[key]
+    stats: dict[str, Any] = {"n": n}
+    for i, side in enumerate(("dense", "pruned")):
+        stats[f"{side}_se"] = standard_error(columns[:, i])
+        stats[f"{side}_ci"] = interval(*wilson(float(columns[:, i].sum()), n))
+    stats["delta_ci"] = interval(*percentile_ci(draws[:, 1] - draws[:, 0]))
+    stats.update(baselines(dense))
+    return stats, draws
+
+
 def stability_draws(
     dense: Sequence[Sample], pruned: Sequence[Sample], norm: bool, seed: int, iters: int, key: str
 ) -> np.ndarray:
@@ -264,7 +295,7 @@ def task_stability(
     return {
         "agreement": float(same.mean()),
         "stability": _stability(pairs, m, legacy=False),
-        "stability_ci": {"lo": lo, "hi": hi},
+        "stability_ci": interval(lo, hi),
         "stability_ess": effective_sample_size(weights),
         "stability_legacy": _stability(pairs, m, legacy=True),
         "stability_exp_ppl": _stability(pairs, m, legacy=False, exp_ppl=True),
