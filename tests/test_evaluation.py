@@ -332,3 +332,27 @@ def test_chosen_documents_follow_the_limit_and_the_mirror(tmp_path: Path) -> Non
     assert chosen_documents(EvalSuite(tasks=["boolq"]), source) is None  # all documents
     given = EvalSuite(tasks=["boolq"], samples={"boolq": [5, 1]})
     assert chosen_documents(given, source) == {"boolq": [5, 1]}
+
+
+def test_the_table_shows_intervals_marks_and_the_note() -> None:
+    row = {"task": "boolq", "metric": "acc", "dense": 0.62, "pruned": 0.55, "delta": -0.07,
+           "dense_ci": {"lo": 0.5, "hi": 0.74}, "pruned_ci": {"lo": 0.41, "hi": 0.68},
+           "delta_ci": {"lo": -0.15, "hi": 0.01}, "majority": 0.56, "chance": 0.5,
+           "agreement": 0.8, "stability": 0.75, "right_to_wrong": 7, "wrong_to_right": 3,
+           "mcnemar_p": 0.34375}  # fmt: skip
+    record = {
+        "tasks": [row],
+        "average": {"dense": 0.62, "pruned": 0.55, "delta": -0.07},
+        "rp": 0.55 / 0.62,
+        "stability": None,
+        "perplexity": {"wiki": {"dense": {"ppl": 20.0, "ci": {"lo": 19.0, "hi": 21.0}},
+                                "pruned": {"ppl": 30.0, "n_tokens": 99}}},
+        "note": "smoke test: 50 documents per task",
+        "dense_from_cache": True,
+    }  # fmt: skip
+    text = Evaluator.table(object.__new__(Evaluator), {"eval": record})
+    lines = text.splitlines()
+    assert lines[:2] == ["smoke test: 50 documents per task", "dense eval reused from the cache"]
+    assert "0.620±0.120" in lines[3] and "0.550±0.135†" in lines[3]  # 0.55 <= majority 0.56
+    assert "-0.070±0.080" in lines[3] and "7/3" in lines[3] and "0.344" in lines[3]
+    assert "perplexity wiki: 20.000±1.000 -> 30.000 (99 tokens)" in text

@@ -44,7 +44,13 @@ def write_run(
             "tasks": rows,
             "average": {"dense": 0.60, "pruned": average, "delta": average - 0.60},
             "rp": average / 0.60,
-            "stability": {"agreement": 0.8, "stability": 0.9, "stability_legacy": 0.7, "n": 100},
+            "stability": {
+                "agreement": 0.8,
+                "stability": 0.9,
+                "stability_legacy": 0.7,
+                "stability_exp_ppl": 1.0,
+                "n": 100,
+            },
             "perplexity": {"dense": {"ppl": 10.0}, "pruned": {"ppl": 20.0}},
         }
     folder = root / name
@@ -100,6 +106,14 @@ def test_missing_failed_and_unevaluated_runs_are_gaps(tmp_path: Path) -> None:
     with (tmp_path / "out" / "table.csv").open() as f:
         never_run = [row for row in csv.DictReader(f) if row["Method"] == "random"][1]
     assert never_run["piqa"] == never_run["Avg"] == never_run["Removed layers"] == "NaN"
+
+
+def test_an_older_records_exp_weighted_stability_is_left_out(tmp_path: Path) -> None:
+    folder = write_run(tmp_path, "a", "shortgpt", 0.25, {"piqa": 0.60, "hellaswag": 0.40})
+    record = json.loads((folder / "metrics.json").read_text())
+    del record["eval"]["stability"]["stability_exp_ppl"]  # written before the NLL weights
+    (folder / "metrics.json").write_text(json.dumps(record))
+    assert table_lines(tmp_path)[3].endswith("| 0.800 | – | 0.700 | 20.00 |")
 
 
 def test_newest_run_of_a_config_hash_wins(tmp_path: Path) -> None:

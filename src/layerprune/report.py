@@ -36,6 +36,7 @@ from layerprune.stability import (
     interval,
     paired_correct,
     read_samples,
+    stability,
     stability_draws,
 )
 from layerprune.stats import ITERS, bootstrap_p, holm, percentile_ci, resample_means
@@ -50,7 +51,9 @@ NOTE = (
     "(missing, failed or not evaluated). ± : half-width of the 95% interval (accuracies: Wilson; "
     "ΔAvg, RP, stability: paired bootstrap over documents; PPL: bootstrap over windows), "
     "recomputed from the run's per-document samples where it kept them; no ± : no per-document "
-    "samples. † : at or below the task's majority-class or chance accuracy on its documents."
+    "samples. † : at or below the task's majority-class or chance accuracy on its documents. "
+    "Stability: NLL-weighted (README); older runs recorded an exp(NLL)-weighted one, which is "
+    "recomputed from their samples where they kept them, else left out."
 )
 PM = " ±"  # a column's half-width column
 MARK = " †"  # a column's at-chance mark
@@ -202,7 +205,7 @@ def recompute_run(run: Run) -> dict[str, Any]:
     plus ``recomputed`` (tasks) and ``draws`` (task -> bootstrap means, for the average)."""
     ev = run.get("eval") or {}
     seed, iters = uncertainty(run)
-    rows, draws, done = [], {}, []
+    rows, draws, stab, done = [], {}, {}, []
     for row in ev.get("tasks", []):
         row = dict(row)
         dense, pruned = load_side(run, "dense", row["task"]), load_side(run, "pruned", row["task"])
@@ -216,7 +219,9 @@ def recompute_run(run: Run) -> dict[str, Any]:
                 stats, draws[row["task"]] = accuracy_stats(cols, dense, seed, iters, row["task"])
                 row.update(stats)
                 s = stability_draws(dense, pruned, norm, seed, iters, row["task"])
+                row["stability"] = stability(dense, pruned, norm)
                 row["stability_ci"] = interval(*percentile_ci(s))
+                stab[row["task"]] = s
                 done.append(row["task"])
         rows.append(row)
     average = dict(ev.get("average") or {})
@@ -228,8 +233,14 @@ def recompute_run(run: Run) -> dict[str, Any]:
         average["delta_ci"] = interval(*percentile_ci(mean[:, 1] - mean[:, 0]))
         with np.errstate(divide="ignore", invalid="ignore"):
             rp_ci = interval(*percentile_ci(mean[:, 1] / mean[:, 0]))
-    return {"tasks": rows, "average": average, "rp_ci": rp_ci, "recomputed": done,
-            "draws": draws}  # fmt: skip
+    overall = dict(ev.get("stability") or {})
+    if "stability_exp_ppl" not in overall:  # an older record: its stability used exp(NLL)
+        overall.pop("stability", None)
+    if rows and len(stab) == len(rows):
+        overall["stability"] = float(np.mean([r["stability"] for r in rows]))
+        overall["stability_ci"] = interval(*percentile_ci(np.mean(list(stab.values()), axis=0)))
+    return {"tasks": rows, "average": average, "rp_ci": rp_ci, "stability": overall,
+            "recomputed": done, "draws": draws}  # fmt: skip
 
 
 def at_chance(row: dict[str, Any], side: str) -> bool:
@@ -270,8 +281,10 @@ def pruned_row(run: Run) -> dict[str, Any]:
         **results(run, "pruned"),
         "RP": get(run, "eval.rp"),
         "Agreement": get(run, "eval.stability.agreement"),
-        "Stability": get(run, "eval.stability.stability"),
-        "Stability" + PM: half(get(run, "eval.stability.stability_ci")),
+        "Stability": recompute(run)["stability"].get("stability") if run.get("eval") else None,
+        "Stability" + PM: half(recompute(run)["stability"].get("stability_ci"))
+        if run.get("eval")
+        else None,
         "Stability (legacy)": get(run, "eval.stability.stability_legacy"),
     }
 
