@@ -41,6 +41,7 @@ from layerprune.resources import Stage, untimed
 from layerprune.stability import (
     Sample,
     accuracy_stats,
+    average_intervals,
     average_over_tasks,
     interval,
     paired_correct,
@@ -386,12 +387,8 @@ def compare(
                                "delta": avg_pruned - avg_dense}  # fmt: skip
     rp_ci = None
     if len(draws) == len(rows):  # every task has per-document samples
-        mean = np.mean([draws[r["task"]] for r in rows], axis=0)
-        average["dense_ci"] = interval(*percentile_ci(mean[:, 0]))
-        average["pruned_ci"] = interval(*percentile_ci(mean[:, 1]))
-        average["delta_ci"] = interval(*percentile_ci(mean[:, 1] - mean[:, 0]))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rp_ci = interval(*percentile_ci(mean[:, 1] / mean[:, 0]))
+        average.update(average_intervals([draws[r["task"]] for r in rows]))
+        rp_ci = average.pop("rp_ci")
     else:
         average["no_samples"] = [r["task"] for r in rows if r["task"] not in draws]
     with_stability = {r["task"]: r for r in rows if "stability" in r}

@@ -33,6 +33,7 @@ from layerprune.records import run_records
 from layerprune.stability import (
     Sample,
     accuracy_stats,
+    average_intervals,
     interval,
     paired_correct,
     read_samples,
@@ -227,12 +228,8 @@ def recompute_run(run: Run) -> dict[str, Any]:
     average = dict(ev.get("average") or {})
     rp_ci = ev.get("rp_ci")
     if rows and len(draws) == len(rows):
-        mean = np.mean([draws[r["task"]] for r in rows], axis=0)
-        average["dense_ci"] = interval(*percentile_ci(mean[:, 0]))
-        average["pruned_ci"] = interval(*percentile_ci(mean[:, 1]))
-        average["delta_ci"] = interval(*percentile_ci(mean[:, 1] - mean[:, 0]))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rp_ci = interval(*percentile_ci(mean[:, 1] / mean[:, 0]))
+        average.update(average_intervals([draws[r["task"]] for r in rows]))
+        rp_ci = average.pop("rp_ci")
     overall = dict(ev.get("stability") or {})
     if "stability_exp_ppl" not in overall:  # an older record: its stability used exp(NLL)
         overall.pop("stability", None)

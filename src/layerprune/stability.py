@@ -257,6 +257,22 @@ def accuracy_stats(
     return stats, draws
 
 
+def average_intervals(task_draws: Sequence[np.ndarray]) -> dict[str, dict[str, float]]:
+    """From each task's ``(iters, 2)`` bootstrap means (dense, pruned; drawn with the same
+    indices for both): 95% intervals of the dense and pruned averages over tasks, of their
+    difference and of RP = pruned / dense, as ``dense_ci``, ``pruned_ci``, ``delta_ci``,
+    ``rp_ci``."""
+    mean = np.mean(task_draws, axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rp = mean[:, 1] / mean[:, 0]
+    return {
+        "dense_ci": interval(*percentile_ci(mean[:, 0])),
+        "pruned_ci": interval(*percentile_ci(mean[:, 1])),
+        "delta_ci": interval(*percentile_ci(mean[:, 1] - mean[:, 0])),
+        "rp_ci": interval(*percentile_ci(rp)),
+    }
+
+
 def stability_draws(
     dense: Sequence[Sample], pruned: Sequence[Sample], norm: bool, seed: int, iters: int, key: str
 ) -> np.ndarray:
