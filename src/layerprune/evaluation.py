@@ -2,11 +2,13 @@
 
 ``EvalSuite`` is what a ``conf/eval`` preset instantiates. ``evaluate`` wraps the model object
 and its tokenizer in lm-eval's ``HFLM`` and runs ``simple_evaluate`` on tasks prepared by
-:mod:`layerprune.mirror`; it returns the metrics of every task and group, and for each
-multiple-choice document the per-option loglikelihoods and token counts that the stability
-metric needs. ``Evaluator`` runs a whole run's evaluation in order: tasks checked before any model
-is loaded, the dense model through a cache, the pruned model, the comparison and the per-sample
-files; ``NoEvaluator`` stands in for it without a suite.
+:mod:`layerprune.mirror`, on the documents :func:`chosen_documents` draws (a seeded random
+subset per task under ``limit``, nested across limits); it returns the metrics of every task
+and group, and for each multiple-choice document the per-option loglikelihoods and token counts
+that the stability metric needs. ``Evaluator`` runs a whole run's evaluation in order: tasks
+checked before any model is loaded, the dense model through a cache, the pruned model, the
+comparison (with 95% intervals from the per-document samples, :mod:`layerprune.stats`) and the
+per-sample files; ``NoEvaluator`` stands in for it without a suite.
 """
 
 from __future__ import annotations
