@@ -22,7 +22,9 @@ from layerprune.evaluation import (
     EvalSuite,
     Evaluator,
     PerplexitySpec,
+    chosen_documents,
     evaluate,
+    nested_sample,
     prepare,
 )
 from layerprune.lm_eval_compat import index_entry
@@ -123,6 +125,8 @@ def test_unknown_task_suggests_close_names(tmp_path: Path) -> None:
         ({"limit": 0}, "eval.limit must be > 0 or null (all documents); got 0"),
         ({"tasks": []}, "eval.tasks is empty"),
         ({"limit": 3, "samples": {"piqa": [1]}}, "exclude each other"),
+        ({"sampling": "last"}, "eval.sampling must be one of random, first; got 'last'"),
+        ({"bootstrap_iters": 10}, "eval.bootstrap_iters must be >= 100; got 10"),
     ],
 )
 def test_bad_eval_settings(kwargs: dict, message: str) -> None:
@@ -194,9 +198,26 @@ def test_evaluator_runs_dense_through_the_cache_then_pruned_and_writes_samples(
     assert stages == ["eval_dense", "eval_pruned"]
     assert list(evaluated) == ["eval"]
     record = evaluated["eval"]
-    assert list(record) == ["tasks", "average", "rp", "stability", "perplexity", "metrics",
-                            "n_samples", "unavailable", "dense_from_cache"]  # fmt: skip
+    assert list(record) == ["tasks", "average", "rp", "rp_ci", "stability", "perplexity",
+                            "metrics", "n_samples", "unavailable", "uncertainty", "sampling",
+                            "note", "dense_from_cache"]  # fmt: skip
     assert record["dense_from_cache"] is False
+    # 4 random documents of each task, recorded by id; both sides answered the same ones
+    sampling = record["sampling"]
+    assert (sampling["method"], sampling["limit"], sampling["seed"]) == ("random", 4, 0)
+    assert sampling["doc_ids"] == {
+        "tiny_mc": nested_sample("tiny_mc", len(QUESTIONS), 4, 0),
+        "arc_easy": nested_sample("arc_easy", 2376, 4, 0),
+    }
+    for task, ids in sampling["doc_ids"].items():
+        assert sorted(s.doc_id for s in dense.samples[task]) == ids
+        assert sorted(s.doc_id for s in pruned.samples[task]) == ids
+    for row in record["tasks"]:
+        assert row["n"] == 4 and row["dense_ci"]["lo"] <= row["dense"] <= row["dense_ci"]["hi"]
+        assert row["delta_ci"]["lo"] <= row["delta"] <= row["delta_ci"]["hi"]
+        assert 0 < row["chance"] <= row["majority"] <= 1
+        assert row["right_to_wrong"] + row["wrong_to_right"] <= 4
+    assert set(record["average"]) >= {"dense_ci", "pruned_ci", "delta_ci"}
     assert record["metrics"] == {"dense": dense.metrics, "pruned": pruned.metrics}
     assert record["n_samples"] == {"tiny_mc": 4, "arc_easy": 4}
     for row in record["tasks"]:
@@ -230,7 +251,7 @@ def test_the_cache_key_holds_model_device_suite_and_data(tmp_path: Path) -> None
     evaluator = Evaluator(suite, MIRROR, tmp_path / "cache")
     loaded = load("tiny_llama")
     assert evaluator.cache_key(loaded) == {
-        "version": 1,
+        "version": 2,
         "model": loaded.fingerprint,
         "device": "cpu",
         "suite": {**dataclasses.asdict(suite), "lm_eval": lm_eval.__version__},
@@ -257,26 +278,81 @@ def test_without_a_suite_the_evaluator_does_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("preset", "n_tasks", "limit", "headline", "ppl_seq_len"),
+    ("preset", "n_tasks", "limit", "headline", "texts"),
     [
-        ("quick", 5, 50, {"hellaswag", "arc_challenge", "openbookqa"}, 512),
-        ("lm_eval_paper", 10, None, {"hellaswag", "arc_challenge", "openbookqa"}, 2048),
-        ("shortgpt_paper", 6, None, {"hellaswag"}, None),
-        ("streamline_paper", 6, None, {"hellaswag"}, None),
+        ("quick", 5, 50, {"hellaswag", "arc_challenge", "openbookqa"},
+         {"wikitext2_tokenized_test": 512}),
+        ("standard", 7, 500, {"hellaswag", "arc_challenge", "openbookqa"},
+         {"wikitext2": 1024, "c4": 1024}),
+        ("lm_eval_paper", 10, None, {"hellaswag", "arc_challenge", "openbookqa"},
+         {"wikitext2_tokenized_test": 2048}),
+        ("shortgpt_paper", 6, None, {"hellaswag"}, {}),
+        ("streamline_paper", 6, None, {"hellaswag"}, {}),
     ],
-)
+)  # fmt: skip
 def test_presets_build_on_the_shared_base(
-    preset: str, n_tasks: int, limit: int | None, headline: set[str], ppl_seq_len: int | None
+    preset: str, n_tasks: int, limit: int | None, headline: set[str], texts: dict[str, int]
 ) -> None:
     cfg = compose_config([f"eval={preset}", "seed=7"])
     suite = instantiate(cfg.eval, _convert_="all")
     assert isinstance(suite, EvalSuite)
     assert (len(suite.tasks), suite.limit, set(suite.headline)) == (n_tasks, limit, headline)
     assert (suite.num_fewshot, suite.batch_size, suite.seed, suite.include_path) == (0, 16, 7, None)
-    assert (suite.perplexity.seq_len if suite.perplexity else None) == ppl_seq_len
+    assert (suite.sampling, suite.bootstrap_iters) == ("random", 2000)
+    assert {spec.label: spec.seq_len for spec in suite.texts()} == texts
+    for spec in suite.texts():
+        assert Path(spec.path).is_file()
+    assert (suite.note or "").startswith("smoke test: 50 documents per task") == (preset == "quick")
     assert ("CMNLI" in suite.unavailable) == (preset in ("shortgpt_paper", "streamline_paper"))
 
 
 def test_the_base_is_not_a_suite() -> None:
     with pytest.raises(MissingMandatoryValue):
         OmegaConf.to_container(compose_config(["eval=_base"]).eval, throw_on_missing=True)
+
+
+def test_document_samples_are_nested_and_seeded() -> None:
+    small, large = nested_sample("boolq", 3270, 100, 0), nested_sample("boolq", 3270, 500, 0)
+    assert len(small) == len(set(small)) == 100 and len(large) == 500
+    assert set(small) <= set(large)  # the 100-document sample is inside the 500-document one
+    assert small == sorted(small) and max(large) < 3270
+    assert nested_sample("boolq", 3270, 100, 1) != small  # the seed changes the draw
+    assert nested_sample("piqa", 3270, 100, 0) != small  # each task has its own draw
+    assert nested_sample("boolq", 3270, 100, 0) == small  # and the same seed repeats it
+    assert small[:5] != list(range(5))  # not the first documents
+
+
+def test_chosen_documents_follow_the_limit_and_the_mirror(tmp_path: Path) -> None:
+    source = prepare_tasks(["openbookqa", "boolq"], MIRROR, 0, tmp_path)
+    suite = EvalSuite(tasks=["openbookqa", "boolq"], limit=500, seed=3)
+    # openbookqa has 500 documents: it runs whole; boolq's 3270 rows are counted in the mirror
+    assert chosen_documents(suite, source) == {"boolq": nested_sample("boolq", 3270, 500, 3)}
+    first = EvalSuite(tasks=["boolq"], limit=50, sampling="first")
+    assert chosen_documents(first, source) is None  # lm-eval's own limit: the first 50
+    assert chosen_documents(EvalSuite(tasks=["boolq"]), source) is None  # all documents
+    given = EvalSuite(tasks=["boolq"], samples={"boolq": [5, 1]})
+    assert chosen_documents(given, source) == {"boolq": [5, 1]}
+
+
+def test_the_table_shows_intervals_marks_and_the_note() -> None:
+    row = {"task": "boolq", "metric": "acc", "dense": 0.62, "pruned": 0.55, "delta": -0.07,
+           "dense_ci": {"lo": 0.5, "hi": 0.74}, "pruned_ci": {"lo": 0.41, "hi": 0.68},
+           "delta_ci": {"lo": -0.15, "hi": 0.01}, "majority": 0.56, "chance": 0.5,
+           "agreement": 0.8, "stability": 0.75, "right_to_wrong": 7, "wrong_to_right": 3,
+           "mcnemar_p": 0.34375}  # fmt: skip
+    record = {
+        "tasks": [row],
+        "average": {"dense": 0.62, "pruned": 0.55, "delta": -0.07},
+        "rp": 0.55 / 0.62,
+        "stability": None,
+        "perplexity": {"wiki": {"dense": {"ppl": 20.0, "ci": {"lo": 19.0, "hi": 21.0}},
+                                "pruned": {"ppl": 30.0, "n_tokens": 99}}},
+        "note": "smoke test: 50 documents per task",
+        "dense_from_cache": True,
+    }  # fmt: skip
+    text = Evaluator.table(object.__new__(Evaluator), {"eval": record})
+    lines = text.splitlines()
+    assert lines[:2] == ["smoke test: 50 documents per task", "dense eval reused from the cache"]
+    assert "0.620±0.120" in lines[3] and "0.550±0.135†" in lines[3]  # 0.55 <= majority 0.56
+    assert "-0.070±0.080" in lines[3] and "7/3" in lines[3] and "0.344" in lines[3]
+    assert "perplexity wiki: 20.000±1.000 -> 30.000 (99 tokens)" in text

@@ -9,7 +9,7 @@ import torch
 
 from layerprune.errors import LayerpruneError
 from layerprune.models import LoadedModel
-from layerprune.perplexity import perplexity, perplexity_of_file
+from layerprune.perplexity import perplexity, perplexity_ci, perplexity_of_file
 from tests.conftest import load
 
 # 100 ASCII bytes = 100 tokens of the byte tokenizer
@@ -126,3 +126,19 @@ def test_clear_errors(tmp_path: Path) -> None:
         perplexity(m.model, m.tokenizer, TEXT, seq_len=1)
     with pytest.raises(LayerpruneError, match=r"perplexity file '.*missing.txt' does not exist"):
         perplexity_of_file(m.model, m.tokenizer, tmp_path / "missing.txt", seq_len=16)
+
+
+def test_windows_are_kept_for_the_interval() -> None:
+    m = tiny()
+    got = perplexity(m.model, m.tokenizer, TEXT, seq_len=16, stride=5)
+    assert len(got.window_nll) == len(got.window_tokens) == got.n_windows
+    assert sum(got.window_tokens) == got.n_tokens
+    assert math.fsum(got.window_nll) / got.n_tokens == pytest.approx(got.nll, abs=1e-12)
+    lo, hi = perplexity_ci(got.window_nll, got.window_tokens, seed=0, iters=500)
+    assert lo < got.ppl < hi
+    assert perplexity_ci(got.window_nll, got.window_tokens, seed=0, iters=500) == (lo, hi)
+
+
+def test_interval_by_hand() -> None:
+    # two windows of equal NLL per token: every resample gives exp(2), so does the interval
+    assert perplexity_ci([4.0, 6.0], [2, 3]) == pytest.approx((math.exp(2), math.exp(2)))

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from layerprune.report import build_table, choose, load_runs, main, method_label, to_markdown
+from layerprune.stability import Sample, write_samples
 
 DENSE = {"piqa": ("acc", 0.70), "hellaswag": ("acc_norm", 0.50)}
 
@@ -43,7 +44,13 @@ def write_run(
             "tasks": rows,
             "average": {"dense": 0.60, "pruned": average, "delta": average - 0.60},
             "rp": average / 0.60,
-            "stability": {"agreement": 0.8, "stability": 0.9, "stability_legacy": 0.7, "n": 100},
+            "stability": {
+                "agreement": 0.8,
+                "stability": 0.9,
+                "stability_legacy": 0.7,
+                "stability_exp_ppl": 1.0,
+                "n": 100,
+            },
             "perplexity": {"dense": {"ppl": 10.0}, "pruned": {"ppl": 20.0}},
         }
     folder = root / name
@@ -64,12 +71,13 @@ def test_table_is_the_hand_computed_one(tmp_path: Path) -> None:
     write_run(tmp_path, "b", "random", 0.25, {"piqa": 0.55, "hellaswag": 0.25})
     assert table_lines(tmp_path)[:5] == [
         "| Model | Sparsity | Method | Removed layers | Removed params | piqa "
-        "| hellaswag (acc_norm) | Avg | RP | Agreement | Stability | Stability (legacy) | PPL |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        "| tiny | 0 | dense | 0 | 0.0 | 70.0 | 50.0 | 60.0 | 100.0 | – | – | – | 10.00 |",
-        # avg (0.55 + 0.25) / 2 = 0.40, RP 0.40 / 0.60
-        "| tiny | 25% layers | random | 2 | 30.0 | 55.0 | 25.0 | 40.0 | 66.7 " + TAIL,
-        "| tiny | 25% layers | shortgpt | 2 | 30.0 | 60.0 | 40.0 | 50.0 | 83.3 " + TAIL,
+        "| hellaswag (acc_norm) | Avg | ΔAvg | RP | Agreement | Stability | Stability (legacy) "
+        "| PPL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tiny | 0 | dense | 0 | 0.0 | 70.0 | 50.0 | 60.0 | – | 100.0 | – | – | – | 10.00 |",
+        # avg (0.55 + 0.25) / 2 = 0.40, ΔAvg 0.40 - 0.60, RP 0.40 / 0.60
+        "| tiny | 25% layers | random | 2 | 30.0 | 55.0 | 25.0 | 40.0 | -20.0 | 66.7 " + TAIL,
+        "| tiny | 25% layers | shortgpt | 2 | 30.0 | 60.0 | 40.0 | 50.0 | -10.0 | 83.3 " + TAIL,
     ]
 
 
@@ -83,19 +91,29 @@ def test_missing_failed_and_unevaluated_runs_are_gaps(tmp_path: Path) -> None:
         "model: {name: tiny}\nmethod: last\nsparsity: 0.25\nsparsity_unit: layer_ratio\n"
     )
     lines = table_lines(tmp_path)
-    gaps = "| – " * 10 + "|"
+    gaps = "| – " * 11 + "|"
     assert lines[3:8] == [
         "| tiny | 25% layers | last " + gaps,
-        "| tiny | 25% layers | random | 2 | 30.0 | – | – | – | – | – | – | – | – |",
-        "| tiny | 25% layers | shortgpt | 2 | 30.0 | 60.0 | 40.0 | 50.0 | 83.3 " + TAIL,
+        "| tiny | 25% layers | random | 2 | 30.0 | – | – | – | – | – | – | – | – | – |",
+        "| tiny | 25% layers | shortgpt | 2 | 30.0 | 60.0 | 40.0 | 50.0 | -10.0 | 83.3 " + TAIL,
         "| tiny | 50% layers | last " + gaps,
         "| tiny | 50% layers | random " + gaps,  # never run
     ]
-    assert lines[8] == "| tiny | 50% layers | shortgpt | 2 | 30.0 | 50.0 | – | 50.0 | 83.3 " + TAIL
+    assert lines[8] == (
+        "| tiny | 50% layers | shortgpt | 2 | 30.0 | 50.0 | – | 50.0 | -10.0 | 83.3 " + TAIL
+    )
     main([str(tmp_path), "--out", str(tmp_path / "out")])
     with (tmp_path / "out" / "table.csv").open() as f:
         never_run = [row for row in csv.DictReader(f) if row["Method"] == "random"][1]
     assert never_run["piqa"] == never_run["Avg"] == never_run["Removed layers"] == "NaN"
+
+
+def test_an_older_records_exp_weighted_stability_is_left_out(tmp_path: Path) -> None:
+    folder = write_run(tmp_path, "a", "shortgpt", 0.25, {"piqa": 0.60, "hellaswag": 0.40})
+    record = json.loads((folder / "metrics.json").read_text())
+    del record["eval"]["stability"]["stability_exp_ppl"]  # written before the NLL weights
+    (folder / "metrics.json").write_text(json.dumps(record))
+    assert table_lines(tmp_path)[3].endswith("| 0.800 | – | 0.700 | 20.00 |")
 
 
 def test_newest_run_of_a_config_hash_wins(tmp_path: Path) -> None:
@@ -145,8 +163,8 @@ def test_report_writes_tables_and_figures(
     out = tmp_path / "out"
     main([str(tmp_path / "runs"), "--out", str(out), "--model", "tiny"])
     assert sorted(p.name for p in out.iterdir()) == [
-        "curve_tiny_layer_ratio.png", "importance_tiny.png", "similarity_tiny.png",
-        "table.csv", "table.md", "table.tex",
+        "comparisons.md", "curve_tiny_layer_ratio.png", "importance_tiny.png",
+        "similarity_tiny.png", "table.csv", "table.md", "table.tex",
     ]  # fmt: skip
     assert "| tiny | 50% layers | shortgpt | 2 | 30.0 | 50.0 |" in (out / "table.md").read_text()
     tex = (out / "table.tex").read_text()
@@ -154,3 +172,56 @@ def test_report_writes_tables_and_figures(
     assert "2 finished and 0 unfinished runs" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([str(tmp_path / "runs"), "--out", str(out), "--model", "other"])
+
+
+def write_samples_run(
+    root: Path, name: str, method: str, right: int, samples: bool, created: str = "2026-01-02"
+) -> None:
+    """A run on 40 piqa documents (gold alternating 0/1): dense right on 28, pruned on
+    ``right``, with its per-document samples when ``samples``."""
+    n = 40
+
+    def side(correct: int) -> list[Sample]:
+        out = []
+        for i in range(n):
+            gold = i % 2
+            pick = gold if i < correct else 1 - gold
+            lls = [-1.0, -2.0] if pick == 0 else [-2.0, -1.0]
+            out.append(Sample.from_scores(i, lls, [1, 1], [1, 1], gold, f"h{i}"))
+        return out
+
+    folder = write_run(root, name, method, 0.25, {"piqa": right / n})
+    record = json.loads((folder / "metrics.json").read_text())
+    record["eval"]["tasks"][0]["dense"] = 28 / n
+    record["eval"]["average"] = {"dense": 28 / n, "pruned": right / n, "delta": (right - 28) / n}
+    record["created"] = created
+    (folder / "metrics.json").write_text(json.dumps(record))
+    if samples:
+        write_samples(folder / "samples" / "dense" / "piqa.jsonl.gz", side(28))
+        write_samples(folder / "samples" / "pruned" / "piqa.jsonl.gz", side(right))
+
+
+def test_intervals_and_comparisons_come_from_the_samples(tmp_path: Path) -> None:
+    write_samples_run(tmp_path, "a", "shortgpt", 30, samples=True)
+    write_samples_run(tmp_path, "b", "random", 10, samples=True)
+    write_samples_run(tmp_path, "c", "last", 20, samples=False, created="2026-01-01")
+    out = tmp_path / "out"
+    main([str(tmp_path), "--out", str(out)])
+    lines = (out / "table.md").read_text().splitlines()
+    # Wilson half-widths: 28/40 -> 13.7, 30/40 -> 13.0 (hand-computed in test_stats), 10/40
+    # -> 13.0; 10/40 is below the majority class (1/2) and chance (1/2) of these documents: †
+    assert lines[2].startswith("| tiny | 0 | dense | 0 | 0.0 | 70.0 ± 13.7 | 70.0 ± ")
+    assert lines[4].startswith("| tiny | 25% layers | random | 2 | 30.0 | 25.0 ± 13.0† |")
+    assert lines[5].startswith("| tiny | 25% layers | shortgpt | 2 | 30.0 | 75.0 ± 13.0 |")
+    assert lines[3].startswith("| tiny | 25% layers | last | 2 | 30.0 | 50.0 | 50.0 |")  # no ±
+    with (out / "table.csv").open() as f:
+        rows = {row["Method"]: row for row in csv.DictReader(f)}
+    assert float(rows["shortgpt"]["piqa ±"]) == pytest.approx(0.130036, abs=1e-5)
+    assert rows["random"]["piqa †"] == "1" and rows["shortgpt"]["piqa †"] == "0"
+    assert rows["last"]["piqa ±"] == "NaN"
+    comparisons = (out / "comparisons.md").read_text()
+    assert "not compared (no interval can be computed): last." in comparisons
+    assert "| random | shortgpt | average | -50.0 |" in comparisons
+    assert "Best on the average: **shortgpt**, significantly above every other method." in (
+        comparisons
+    )

@@ -46,7 +46,9 @@ def test_run_records_dense_and_pruned_metrics_and_reuses_the_dense_cache(
     assert row["delta"] == pytest.approx(row["pruned"] - row["dense"])
     assert ev["rp"] == pytest.approx(row["pruned"] / row["dense"])
     assert 0 <= row["stability"] <= 1 and 0 <= row["agreement"] <= 1
-    assert ev["perplexity"]["dense"]["n_tokens"] == ev["perplexity"]["pruned"]["n_tokens"] > 0
+    ppl = ev["perplexity"]["ppl"]  # the text is named by its file's stem
+    assert ppl["dense"]["n_tokens"] == ppl["pruned"]["n_tokens"] > 0
+    assert ppl["pruned"]["ci"]["lo"] <= ppl["pruned"]["ppl"] <= ppl["pruned"]["ci"]["hi"]
     assert {"load", "score", "eval_dense", "prune_recover", "eval_pruned", "total"} <= set(
         saved["timings"]
     )

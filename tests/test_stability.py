@@ -39,7 +39,9 @@ def sample(
     )
 
 
-# Dense PPLs per doc and their population std (ddof=0):
+# Dense per-token PPLs per doc; the headline weights use their log, the mean NLL per token
+# (what OpenCompass stores as "PPL"); ``exp_ppl`` uses the PPLs themselves.
+# The PPLs and their population std (ddof=0):
 #   doc 3:  [1, 3]        mean 2, deviations ±1          -> s = 1   (ddof=1 would give 1.414)
 #   doc 7:  [2, 2]        -> s = 0
 #   doc 10: [1, 1, 5, 5]  mean 3, deviations ±2          -> s = 2   (ddof=1 would give 2.309)
@@ -47,7 +49,7 @@ def sample(
 #   = [2.718282, 1, 7.389056] / 11.107338 = [0.244728, 0.090031, 0.665241]
 W = [math.e / (1 + math.e + math.e**2), 1 / (1 + math.e + math.e**2)]
 W.append(math.e**2 / (1 + math.e + math.e**2))
-# legacy weights use the per-token NLL ln(PPL) (OpenCompass's "PPL"): stds ln(3)/2, 0, ln(5)/2,
+# headline and legacy weights use the per-token NLL ln(PPL): stds ln(3)/2, 0, ln(5)/2,
 # so softmax = [sqrt 3, 1, sqrt 5] / (1 + sqrt 3 + sqrt 5) = [0.348633, 0.201284, 0.450083]
 WL = [x / (1 + math.sqrt(3) + math.sqrt(5)) for x in (math.sqrt(3), 1, math.sqrt(5))]
 
@@ -73,17 +75,21 @@ def test_weights_by_hand() -> None:
 
 
 def test_stability_acc_where_legacy_differs() -> None:
-    # m = [0, 0, 1]: correct = w[10] = 0.665241; legacy sums the first sum(m) = 1 weight, wl[3]
-    assert stability(DENSE, PRUNED) == pytest.approx(W[2], abs=1e-12)
+    # m = [0, 0, 1]: stability = wl[10] = 0.450083; legacy sums the first sum(m) = 1 weight,
+    # wl[3] = 0.348633; with exp(NLL) weights it would be w[10] = 0.665241
+    assert stability(DENSE, PRUNED) == pytest.approx(0.450083, abs=1e-6)
+    assert stability(DENSE, PRUNED) == pytest.approx(WL[2], abs=1e-12)
     assert stability(DENSE, PRUNED, legacy=True) == pytest.approx(WL[0], abs=1e-12)
+    assert stability(DENSE, PRUNED, exp_ppl=True) == pytest.approx(W[2], abs=1e-12)
     assert agreement(DENSE, PRUNED) == 0.0
 
 
 def test_stability_norm_where_legacy_agrees() -> None:
     # m = [1, 1, 0]: the matching docs are the leading ones, so both sum the weights of docs
-    # 3 and 7: w = 0.334759, and with the legacy NLL weights 0.549917
-    assert stability(DENSE, PRUNED, norm=True) == pytest.approx(W[0] + W[1], abs=1e-12)
+    # 3 and 7: 0.549917 (0.334759 with the exp(NLL) weights)
+    assert stability(DENSE, PRUNED, norm=True) == pytest.approx(0.549917, abs=1e-6)
     assert stability(DENSE, PRUNED, norm=True, legacy=True) == pytest.approx(0.549917, abs=1e-6)
+    assert stability(DENSE, PRUNED, norm=True, exp_ppl=True) == pytest.approx(W[0] + W[1])
     assert agreement(DENSE, PRUNED, norm=True) == pytest.approx(2 / 3)
 
 
@@ -97,14 +103,16 @@ def test_weights_come_from_the_dense_model_only() -> None:
     assert stability(PRUNED, DENSE) != pytest.approx(stability(DENSE, PRUNED))
 
 
-def naive_stability(dense: list[Sample], pruned: list[Sample], norm: bool, legacy: bool) -> float:
+def naive_stability(
+    dense: list[Sample], pruned: list[Sample], norm: bool, legacy: bool, exp_ppl: bool = False
+) -> float:
     """The definition written out with math, one doc at a time."""
     d = sorted(dense, key=lambda s: s.doc_id)
     p = {s.doc_id: s for s in pruned}
     spreads = []
     for s in d:
         nll = [-ll / t for ll, t in zip(s.loglikelihoods, s.tokens, strict=True)]
-        ppl = nll if legacy else [math.exp(x) for x in nll]
+        ppl = [math.exp(x) for x in nll] if exp_ppl else nll
         mean = sum(ppl) / len(ppl)
         spreads.append(math.sqrt(sum((x - mean) ** 2 for x in ppl) / len(ppl)))
     top = max(spreads)
@@ -133,20 +141,40 @@ def test_random_cases_match_the_naive_loop(seed: int) -> None:
         for legacy in (False, True):
             got = stability(dense, pruned, norm=norm, legacy=legacy)
             assert got == pytest.approx(naive_stability(dense, pruned, norm, legacy), abs=1e-12)
+        got = stability(dense, pruned, norm=norm, exp_ppl=True)
+        assert got == pytest.approx(naive_stability(dense, pruned, norm, False, True), abs=1e-12)
 
 
 def test_task_summary_and_mean_over_tasks() -> None:
     one = task_stability(DENSE, PRUNED)
+    ci = one.pop("stability_ci")
     assert one == pytest.approx(
-        {"agreement": 0.0, "stability": W[2], "stability_legacy": WL[0], "n": 3}
+        {
+            "agreement": 0.0,
+            "stability": WL[2],
+            "stability_ess": 1 / sum(w * w for w in WL),
+            "stability_legacy": WL[0],
+            "stability_exp_ppl": W[2],
+            # acc: docs 3 and 7 right -> wrong, doc 10 wrong both times
+            "right_to_wrong": 2,
+            "wrong_to_right": 0,
+            "mcnemar_p": 0.5,  # 2 * P(Bin(2, 1/2) <= 0) = 2 / 4
+            "n": 3,
+        }
     )
+    assert 0 <= ci["lo"] <= WL[2] <= ci["hi"] <= 1
     two = task_stability(DENSE, DENSE)
-    # plain mean over tasks, not weighted by doc count; n adds up
-    assert average_over_tasks({"a": one, "b": two}) == pytest.approx(
+    # plain mean over tasks, not weighted by doc count; counts add up
+    mean = average_over_tasks({"a": one, "b": two})
+    assert mean == pytest.approx(
         {
             "agreement": 0.5,
-            "stability": (W[2] + 1) / 2,
+            "stability": (WL[2] + 1) / 2,
             "stability_legacy": (WL[0] + 1) / 2,
+            "stability_exp_ppl": (W[2] + 1) / 2,
+            "right_to_wrong": 2,
+            "wrong_to_right": 0,
+            "mcnemar_p": 0.5,
             "n": 6,
         }
     )

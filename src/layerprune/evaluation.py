@@ -2,23 +2,28 @@
 
 ``EvalSuite`` is what a ``conf/eval`` preset instantiates. ``evaluate`` wraps the model object
 and its tokenizer in lm-eval's ``HFLM`` and runs ``simple_evaluate`` on tasks prepared by
-:mod:`layerprune.mirror`; it returns the metrics of every task and group, and for each
-multiple-choice document the per-option loglikelihoods and token counts that the stability
-metric needs. ``Evaluator`` runs a whole run's evaluation in order: tasks checked before any model
-is loaded, the dense model through a cache, the pruned model, the comparison and the per-sample
-files; ``NoEvaluator`` stands in for it without a suite.
+:mod:`layerprune.mirror`, on the documents :func:`chosen_documents` draws (a seeded random
+subset per task under ``limit``, nested across limits); it returns the metrics of every task
+and group, and for each multiple-choice document the per-option loglikelihoods and token counts
+that the stability metric needs. ``Evaluator`` runs a whole run's evaluation in order: tasks
+checked before any model is loaded, the dense model through a cache, the pruned model, the
+comparison (with 95% intervals from the per-document samples, :mod:`layerprune.stats`) and the
+per-sample files; ``NoEvaluator`` stands in for it without a suite.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import lm_eval
+import numpy as np
 from lm_eval.api.task import Task
 from lm_eval.models.huggingface import HFLM
 
@@ -33,24 +38,44 @@ from layerprune.lm_eval_compat import (
 )
 from layerprune.mirror import TaskSource, prepare_tasks
 from layerprune.models import LoadedModel
-from layerprune.perplexity import perplexity_of_file
+from layerprune.perplexity import perplexity_ci, perplexity_of_file
 from layerprune.resources import Stage, untimed
-from layerprune.stability import Sample, average_over_tasks, task_stability, write_samples
+from layerprune.stability import (
+    Sample,
+    accuracy_stats,
+    average_intervals,
+    average_over_tasks,
+    interval,
+    paired_correct,
+    stability_draws,
+    task_stability,
+    write_samples,
+)
+from layerprune.stats import ITERS, percentile_ci, resample_means
 
 log = logging.getLogger(__name__)
 LM_EVAL_VERSION = version("lm-eval")
-EVAL_VERSION = 1  # bump when an evaluation's definition changes (invalidates the dense cache)
+EVAL_VERSION = 2  # bump when an evaluation's definition changes (invalidates the dense cache)
 
 
 @dataclass
 class PerplexitySpec:
-    """Perplexity on a text file: non-overlapping windows unless ``stride`` is set."""
+    """Perplexity on a text file: non-overlapping windows unless ``stride`` is set; named by
+    ``name``, else by the file's stem."""
 
     path: str
     seq_len: int = 512
     stride: int | None = None
     batch_size: int = 8
     max_tokens: int | None = None
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+SAMPLING = ("random", "first")
 
 
 @dataclass
@@ -64,10 +89,13 @@ class EvalSuite:
     batch_size: int = 16
     max_length: int | None = None
     headline: dict[str, str] = field(default_factory=dict)
-    perplexity: PerplexitySpec | None = None
+    perplexity: PerplexitySpec | list[PerplexitySpec] | None = None  # one text or several
     unavailable: dict[str, str] = field(default_factory=dict)  # paper tasks lm-eval lacks: why
     include_path: str | None = None  # a folder of the user's own lm-eval task YAMLs
     seed: int = 0
+    sampling: str = "random"  # which `limit` documents: a seeded random subset, or the first
+    bootstrap_iters: int = ITERS  # resamples behind every confidence interval
+    note: str | None = None  # the first line of the printed table (e.g. "smoke test")
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -82,8 +110,28 @@ class EvalSuite:
             raise LayerpruneError(f"eval.num_fewshot must be >= 0; got {self.num_fewshot}")
         if self.batch_size < 1:
             raise LayerpruneError(f"eval.batch_size must be >= 1; got {self.batch_size}")
+        if self.sampling not in SAMPLING:
+            raise LayerpruneError(
+                f"eval.sampling must be one of {', '.join(SAMPLING)}; got '{self.sampling}'"
+            )
+        if self.bootstrap_iters < 100:
+            raise LayerpruneError(
+                f"eval.bootstrap_iters must be >= 100; got {self.bootstrap_iters}"
+            )
         if isinstance(self.perplexity, dict):
             self.perplexity = PerplexitySpec(**self.perplexity)
+        elif isinstance(self.perplexity, list):
+            self.perplexity = [p if isinstance(p, PerplexitySpec) else PerplexitySpec(**p)
+                               for p in self.perplexity]  # fmt: skip
+        labels = [p.label for p in self.texts()]
+        if len(set(labels)) != len(labels):
+            raise LayerpruneError(f"eval.perplexity names its texts {labels}; give each a name")
+
+    def texts(self) -> list[PerplexitySpec]:
+        """The perplexity texts, in order (none, one or several)."""
+        if self.perplexity is None:
+            return []
+        return self.perplexity if isinstance(self.perplexity, list) else [self.perplexity]
 
     def headline_metric(self, task: str) -> str:
         """The literature reports acc_norm for some tasks (hellaswag, arc_challenge, ...)."""
@@ -136,7 +184,7 @@ class Evaluation:
     metrics: dict[str, dict[str, float]]
     samples: dict[str, list[Sample]]
     n_samples: dict[str, int]
-    perplexity: dict[str, Any] | None
+    perplexity: dict[str, dict[str, Any]]  # per text name
     seconds: float
     raw: dict[str, Any] | None = field(default=None, repr=False)  # lm-eval's own, not cached
 
@@ -160,8 +208,50 @@ class Evaluation:
         )
 
 
-def evaluate(loaded: LoadedModel, suite: EvalSuite, source: TaskSource) -> Evaluation:
+def nested_sample(name: str, n_docs: int, k: int, seed: int) -> list[int]:
+    """``k`` of a task's ``n_docs`` document ids, drawn at random: the first ``k`` of one
+    permutation per (task, seed), so a smaller sample is inside a larger one. Sorted."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    return sorted(int(i) for i in rng.permutation(n_docs)[:k])
+
+
+def document_counts(source: TaskSource) -> dict[str, int]:
+    """Documents in each leaf task's evaluation split: the mirror's rows, else lm-eval's."""
+    counts = {leaf.name: source.document_count(leaf) for leaf in source.leaves}
+    missing = [name for name, n in counts.items() if n is None]
+    if missing:
+        objects = source.manager.load(missing)["tasks"]
+        counts.update({name: len(objects[name].eval_docs) for name in missing})
+    return {name: int(n) for name, n in counts.items() if n is not None}
+
+
+def chosen_documents(suite: EvalSuite, source: TaskSource) -> dict[str, list[int]] | None:
+    """lm-eval's ``samples``: the given ids, or per leaf task a seeded random ``limit``
+    documents (tasks with no more than ``limit`` documents run whole); None for lm-eval's own
+    ``limit`` (first-N, with ``sampling: first``) or all documents."""
+    if suite.samples:
+        return {task: list(ids) for task, ids in suite.samples.items()}
+    if suite.limit is None or suite.sampling == "first":
+        return None
+    counts = document_counts(source)
+    return {
+        name: nested_sample(name, n, suite.limit, suite.seed)
+        for name, n in counts.items()
+        if n > suite.limit
+    }
+
+
+def evaluate(
+    loaded: LoadedModel,
+    suite: EvalSuite,
+    source: TaskSource,
+    documents: dict[str, list[int]] | None = None,
+) -> Evaluation:
+    """One model on ``suite``; ``documents`` (lm-eval's ``samples``) default to
+    :func:`chosen_documents`."""
     start = time.perf_counter()
+    if documents is None:
+        documents = chosen_documents(suite, source)
     model = loaded.model
     hflm = HFLM(
         pretrained=model,
@@ -175,8 +265,8 @@ def evaluate(loaded: LoadedModel, suite: EvalSuite, source: TaskSource) -> Evalu
             model=hflm,
             tasks=list(suite.tasks),
             num_fewshot=suite.num_fewshot,
-            limit=suite.limit,
-            samples=suite.samples,
+            limit=suite.limit if documents is None else None,
+            samples=documents,
             task_manager=source.manager,
             log_samples=True,
             random_seed=suite.seed,
@@ -195,9 +285,8 @@ def evaluate(loaded: LoadedModel, suite: EvalSuite, source: TaskSource) -> Evalu
         if results["samples"].get(name)
     }
     n_samples = effective_sample_counts(results)
-    ppl = None
-    if suite.perplexity is not None:
-        spec = suite.perplexity
+    ppl = {}
+    for spec in suite.texts():
         result = perplexity_of_file(
             model,
             loaded.tokenizer,
@@ -207,7 +296,7 @@ def evaluate(loaded: LoadedModel, suite: EvalSuite, source: TaskSource) -> Evalu
             batch_size=spec.batch_size,
             max_tokens=spec.max_tokens,
         )
-        ppl = {"path": spec.path, **asdict(result)}
+        ppl[spec.label] = {"path": spec.path, **asdict(result)}
     return Evaluation(
         task_metrics(results), samples, n_samples, ppl, time.perf_counter() - start, results
     )
@@ -215,8 +304,9 @@ def evaluate(loaded: LoadedModel, suite: EvalSuite, source: TaskSource) -> Evalu
 
 def prepare(suite: EvalSuite, mirror: str | Path | None, work_dir: Path) -> TaskSource:
     """Check tasks, the mirror and the perplexity text before any model is loaded."""
-    if suite.perplexity is not None and not Path(suite.perplexity.path).is_file():
-        raise LayerpruneError(f"perplexity text '{suite.perplexity.path}' does not exist")
+    for spec in suite.texts():
+        if not Path(spec.path).is_file():
+            raise LayerpruneError(f"perplexity text '{spec.path}' does not exist")
     return prepare_tasks(list(suite.tasks), mirror, suite.num_fewshot, work_dir, suite.include_path)
 
 
@@ -233,65 +323,160 @@ def headline(
     return metric, values[metric]
 
 
+def compare_perplexity(dense: Evaluation, pruned: Evaluation, seed: int, iters: int) -> dict:
+    """Per text: both sides with a bootstrap CI over windows, and the pruned/dense ratio with a
+    paired one (the same windows resampled for both)."""
+    out: dict[str, Any] = {}
+    for name, d in dense.perplexity.items():
+        p = pruned.perplexity.get(name)
+        if p is None:
+            continue
+        entry: dict[str, Any] = {"dense": dict(d), "pruned": dict(p), "ratio": p["ppl"] / d["ppl"]}
+        for side in (entry["dense"], entry["pruned"]):
+            side["ci"] = interval(*perplexity_ci(side["window_nll"], side["window_tokens"],
+                                                 seed, iters))  # fmt: skip
+        if d["window_tokens"] == p["window_tokens"]:
+            cols = np.array([d["window_nll"], p["window_nll"], d["window_tokens"]]).T
+            draws = resample_means({name: cols}, iters, seed)[name]
+            ratio = np.exp((draws[:, 1] - draws[:, 0]) / draws[:, 2])
+            entry["ratio_ci"] = interval(*percentile_ci(ratio))
+        out[name] = entry
+    return out
+
+
 def compare(
     suite: EvalSuite, source: TaskSource, dense: Evaluation, pruned: Evaluation
 ) -> dict[str, Any]:
-    """Per-task dense vs pruned headline metrics, average, RP and stability."""
+    """Per-task dense vs pruned headline metrics with their uncertainty, average, RP,
+    stability and flips; every interval is a 95% one computed from the per-document samples."""
+    seed, iters = suite.seed, suite.bootstrap_iters
     rows = []
+    draws: dict[str, np.ndarray] = {}  # task -> (iters, 2) bootstrap means, dense and pruned
+    stability_of: dict[str, np.ndarray] = {}  # task -> stability draws
     for task in suite.tasks:
         metric, d = headline(suite, task, dense.metrics)
         p = pruned.metrics[task][metric]
         row: dict[str, Any] = {"task": task, "metric": metric, "dense": d, "pruned": p,
                                "delta": p - d}  # fmt: skip
-        per_leaf = {
-            leaf.name: task_stability(
-                dense.samples[leaf.name], pruned.samples[leaf.name], norm=metric == "acc_norm"
+        norm = metric == "acc_norm"
+        leaves = [leaf.name for leaf in source.members[task]]
+        have = [name for name in leaves if name in dense.samples and name in pruned.samples]
+        if have and len(have) == len(leaves) and metric in ("acc", "acc_norm"):
+            # a group's documents are pooled, as lm-eval's size-weighted group mean pools them
+            cols = np.concatenate(
+                [paired_correct(dense.samples[n], pruned.samples[n], norm) for n in have]
             )
-            for leaf in source.members[task]
-            if leaf.name in dense.samples and leaf.name in pruned.samples
+            golds = [s for n in have for s in dense.samples[n]]
+            stats, draws[task] = accuracy_stats(cols, golds, seed, iters, task)
+            row.update(stats)
+        per_leaf = {
+            name: task_stability(dense.samples[name], pruned.samples[name], norm, seed, iters, name)
+            for name in have
         }
         if per_leaf:  # a group's stability is the mean over its tasks
+            leaf_draws = [
+                stability_draws(dense.samples[n], pruned.samples[n], norm, seed, iters, n)
+                for n in per_leaf
+            ]
+            stability_of[task] = np.mean(leaf_draws, axis=0)
             row.update(average_over_tasks(per_leaf))
+            row["stability_ci"] = interval(*percentile_ci(stability_of[task]))
+            row["stability_ess"] = math.fsum(r["stability_ess"] for r in per_leaf.values())
         rows.append(row)
     avg_dense = sum(r["dense"] for r in rows) / len(rows)
     avg_pruned = sum(r["pruned"] for r in rows) / len(rows)
+    average: dict[str, Any] = {"dense": avg_dense, "pruned": avg_pruned,
+                               "delta": avg_pruned - avg_dense}  # fmt: skip
+    rp_ci = None
+    if len(draws) == len(rows):  # every task has per-document samples
+        average.update(average_intervals([draws[r["task"]] for r in rows]))
+        rp_ci = average.pop("rp_ci")
+    else:
+        average["no_samples"] = [r["task"] for r in rows if r["task"] not in draws]
     with_stability = {r["task"]: r for r in rows if "stability" in r}
+    overall = average_over_tasks(with_stability) if with_stability else None
+    if overall is not None:
+        overall["stability_ci"] = interval(
+            *percentile_ci(np.mean([stability_of[t] for t in with_stability], axis=0))
+        )
     return {
         "tasks": rows,
-        "average": {"dense": avg_dense, "pruned": avg_pruned, "delta": avg_pruned - avg_dense},
+        "average": average,
         "rp": avg_pruned / avg_dense if avg_dense else None,
-        "stability": average_over_tasks(with_stability) if with_stability else None,
-        "perplexity": {"dense": dense.perplexity, "pruned": pruned.perplexity},
+        "rp_ci": rp_ci,
+        "stability": overall,
+        "perplexity": compare_perplexity(dense, pruned, seed, iters),
         "metrics": {"dense": dense.metrics, "pruned": pruned.metrics},
         "n_samples": pruned.n_samples,
         "unavailable": suite.unavailable,
+        "uncertainty": UNCERTAINTY | {"bootstrap_iters": iters, "seed": seed},
     }
 
 
-def table(comparison: dict[str, Any]) -> str:
-    """The printed summary: task, dense, pruned, delta, agreement, stability."""
-    lines = [f"{'task':<16}{'metric':<10}{'dense':>8}{'pruned':>8}{'delta':>8}"
-             f"{'agree':>8}{'stab':>8}"]  # fmt: skip
+UNCERTAINTY = {
+    "level": 0.95,
+    "accuracy_ci": "Wilson score interval",
+    "delta_ci": "paired percentile bootstrap over documents, each task resampled on its own",
+    "stability_ci": "percentile bootstrap over documents, softmax renormalised per resample",
+    "mcnemar": "exact two-sided binomial test on the discordant documents",
+    "perplexity_ci": "percentile bootstrap over windows of exp(sum NLL / sum tokens)",
+}
 
-    def fmt(v: float | None) -> str:
-        return f"{v:8.3f}" if v is not None else f"{'-':>8}"
+
+def half(ci: dict[str, float] | None) -> float | None:
+    """Half the width of an interval (Wilson's is not symmetric around the value)."""
+    return None if not ci else (ci["hi"] - ci["lo"]) / 2
+
+
+def at_chance(row: dict[str, Any], side: str) -> bool:
+    """Whether a side's value is at or below the majority-class or the chance accuracy."""
+    floor = max(row.get("majority", -1.0), row.get("chance", -1.0))
+    value = row.get(side)
+    return value is not None and value <= floor + 1e-12
+
+
+def pm(value: float | None, ci: dict[str, float] | None, mark: bool = False) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.3f}" + (f"±{half(ci):.3f}" if ci else "")
+    return text + ("†" if mark else "")
+
+
+def table(comparison: dict[str, Any]) -> str:
+    """The printed summary: per task value ± half-width of its 95% interval, agreement,
+    stability, flips (right->wrong / wrong->right) and McNemar's p; † marks a value at or below
+    the majority-class or chance accuracy of the task's documents."""
+    lines = [f"{'task':<16}{'metric':<10}{'dense':>14}{'pruned':>14}{'delta':>15}"
+             f"{'agree':>7}{'stab':>7}{'flips':>10}{'p':>7}"]  # fmt: skip
+
+    def num(v: float | None, width: int = 7) -> str:
+        return f"{v:{width}.3f}" if v is not None else f"{'-':>{width}}"
 
     for r in comparison["tasks"]:
+        flips = (f"{r['right_to_wrong']}/{r['wrong_to_right']}"
+                 if "right_to_wrong" in r else "-")  # fmt: skip
         lines.append(
-            f"{r['task']:<16}{r['metric']:<10}{fmt(r['dense'])}{fmt(r['pruned'])}"
-            f"{fmt(r['delta'])}{fmt(r.get('agreement'))}{fmt(r.get('stability'))}"
+            f"{r['task']:<16}{r['metric']:<10}"
+            f"{pm(r['dense'], r.get('dense_ci'), at_chance(r, 'dense')):>14}"
+            f"{pm(r['pruned'], r.get('pruned_ci'), at_chance(r, 'pruned')):>14}"
+            f"{pm(r['delta'], r.get('delta_ci')):>15}{num(r.get('agreement'))}"
+            f"{num(r.get('stability'))}{flips:>10}{num(r.get('mcnemar_p'))}"
         )
     avg, stab = comparison["average"], comparison["stability"] or {}
     lines.append(
-        f"{'average':<26}{fmt(avg['dense'])}{fmt(avg['pruned'])}{fmt(avg['delta'])}"
-        f"{fmt(stab.get('agreement'))}{fmt(stab.get('stability'))}"
+        f"{'average':<26}{pm(avg['dense'], avg.get('dense_ci')):>14}"
+        f"{pm(avg['pruned'], avg.get('pruned_ci')):>14}{pm(avg['delta'], avg.get('delta_ci')):>15}"
+        f"{num(stab.get('agreement'))}{num(stab.get('stability'))}"
     )
-    ppl = comparison["perplexity"]
-    if ppl["dense"] and ppl["pruned"]:
-        lines.append(f"perplexity {ppl['dense']['ppl']:.2f} -> {ppl['pruned']['ppl']:.2f} "
-                     f"({ppl['pruned']['n_tokens']} tokens)")  # fmt: skip
+    for name, ppl in comparison["perplexity"].items():
+        d, p = ppl["dense"], ppl["pruned"]
+        lines.append(f"perplexity {name}: {pm(d['ppl'], d.get('ci'))} -> "
+                     f"{pm(p['ppl'], p.get('ci'))} ({p['n_tokens']} tokens)")  # fmt: skip
     if comparison["rp"] is not None:
-        lines.append(f"retained performance RP = {comparison['rp']:.3f}")
+        lines.append(f"retained performance RP = {pm(comparison['rp'], comparison.get('rp_ci'))}")
+    if avg.get("no_samples"):
+        lines.append(f"no per-document samples (no interval): {', '.join(avg['no_samples'])}")
+    lines.append("± half-width of the 95% interval; † at or below majority-class/chance accuracy")
     return "\n".join(lines)
 
 
@@ -310,6 +495,7 @@ class Evaluator:
     ) -> None:
         self.suite = suite
         self.source = prepare(suite, mirror, cache_root(cache_dir) / "tasks")
+        self.documents = chosen_documents(suite, self.source)
         self.cache = JsonCache("dense_eval", cache_dir)
         self._dense: Evaluation | None = None
         self._dense_hit = False
@@ -329,7 +515,8 @@ class Evaluator:
         """Evaluate the original model, once per cache key; True when read from the cache."""
         with stage("eval_dense"):
             payload, hit = self.cache.get_or_compute(
-                self.cache_key(loaded), lambda: evaluate(loaded, self.suite, self.source).to_dict()
+                self.cache_key(loaded),
+                lambda: evaluate(loaded, self.suite, self.source, self.documents).to_dict(),
             )
         log.info("dense evaluation %s", "reused from the cache" if hit else "computed and cached")
         self._dense, self._dense_hit = Evaluation.from_dict(payload), hit
@@ -341,18 +528,35 @@ class Evaluator:
         if self._dense is None:
             raise RuntimeError("Evaluator.pruned needs Evaluator.dense on the original model first")
         with stage("eval_pruned"):
-            self._pruned = evaluate(loaded, self.suite, self.source)
+            self._pruned = evaluate(loaded, self.suite, self.source, self.documents)
         for label, evaluation in (("dense", self._dense), ("pruned", self._pruned)):
             for task, samples in evaluation.samples.items():
                 write_samples(out / "samples" / label / f"{task}.jsonl.gz", samples)
         comparison = compare(self.suite, self.source, self._dense, self._pruned)
-        return {"eval": {**comparison, "dense_from_cache": self._dense_hit}}
+        return {"eval": {**comparison, "sampling": self.sampling(), "note": self.suite.note,
+                         "dense_from_cache": self._dense_hit}}  # fmt: skip
+
+    def sampling(self) -> dict[str, Any]:
+        """Which documents were evaluated: ``method`` (random, first, given or all), ``limit``,
+        ``seed``, and the ids of every task evaluated on a subset (``doc_ids``)."""
+        suite = self.suite
+        if suite.samples:
+            method = "given"
+        elif suite.limit is None:
+            method = "all"
+        else:
+            method = suite.sampling
+        ids = dict(self.documents or {})
+        if method == "first" and self._pruned is not None:
+            ids = {t: sorted(s.doc_id for s in ss) for t, ss in self._pruned.samples.items()}
+        return {"method": method, "limit": suite.limit, "seed": suite.seed, "doc_ids": ids}
 
     def table(self, evaluated: dict[str, Any]) -> str:
         """The printed summary of what :meth:`pruned` returned."""
         record = evaluated["eval"]
         origin = "reused from the cache" if record["dense_from_cache"] else "computed"
-        return f"dense eval {origin}\n{table(record)}"
+        note = f"{record['note']}\n" if record.get("note") else ""
+        return f"{note}dense eval {origin}\n{table(record)}"
 
     @property
     def lm_eval_results(self) -> dict[str, Any] | None:

@@ -154,6 +154,15 @@ class TaskSource:
         unique = {leaf.name: leaf for group in self.members.values() for leaf in group}
         return list(unique.values())
 
+    def document_count(self, leaf: LeafTask) -> int | None:
+        """Rows of the leaf's evaluation split in the mirror (one document each); None where
+        the data is not the mirror's (local or hub tasks: ask lm-eval's task object)."""
+        if self.mirror is None or leaf.local or leaf.eval_split is None:
+            return None
+        path = leaf.mirror_dir(self.mirror) / f"{leaf.eval_split}.jsonl"
+        with path.open("rb") as f:
+            return sum(1 for line in f if line.strip())
+
     def identity(self) -> dict[str, Any]:
         """What identifies the data, for cache keys: the mirror files' names and sizes."""
         if self.mirror is None:

@@ -10,21 +10,26 @@ Face guide: each starts ``stride`` tokens after the previous one and, after the 
 only the tokens no earlier window scored, each with at least ``seq_len - stride`` of context.
 When ``add_bos`` and the tokenizer has a BOS, every window is BOS + ``seq_len - 1`` stream
 tokens and its first token is scored given BOS (Gemma's perplexity doubles without BOS).
+
+Each window's summed NLL and token count are kept, so that the uncertainty of the perplexity can
+be estimated by resampling windows (:func:`perplexity_ci`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from layerprune.calibration import split_documents, token_stream
 from layerprune.errors import LayerpruneError
+from layerprune.stats import ITERS, percentile_ci, resample_means
 
 
 @dataclass
@@ -35,6 +40,8 @@ class PerplexityResult:
     n_windows: int
     seq_len: int
     stride: int | None
+    window_nll: list[float] = field(default_factory=list)  # summed NLL of each window's tokens
+    window_tokens: list[int] = field(default_factory=list)  # tokens each window scored
 
 
 def _windows(n: int, body: int, stride: int | None, bos: bool) -> Iterator[tuple[int, int, int]]:
@@ -50,13 +57,13 @@ def _windows(n: int, body: int, stride: int | None, bos: bool) -> Iterator[tuple
 
 
 @torch.no_grad()
-def _nll(model: PreTrainedModel, ids: torch.Tensor, first: int) -> float:
-    """Sum over rows of -log p(ids[:, t] | ids[:, :t]) for t >= ``first``."""
+def _nll(model: PreTrainedModel, ids: torch.Tensor, first: int) -> list[float]:
+    """Per row, the sum of -log p(ids[:, t] | ids[:, :t]) for t >= ``first``."""
     keep = ids.shape[1] - first + 1
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[:, :-1]
     logp = torch.log_softmax(logits.float(), dim=-1)
     target = ids[:, first:].unsqueeze(-1)
-    return -float(logp.gather(-1, target).double().sum())
+    return (-logp.gather(-1, target).double().sum(dim=(1, 2))).tolist()
 
 
 def perplexity(
@@ -97,16 +104,18 @@ def perplexity(
     for start, end, first in _windows(len(stream), body, stride, bos is not None):
         row = prefix + stream[start:end]
         groups.setdefault((len(row), first - start + len(prefix)), []).append(row)
-    total, n_tokens, n_windows = 0.0, 0, 0
+    window_nll: list[float] = []
+    window_tokens: list[int] = []
     for (length, offset), rows in groups.items():
         for i in range(0, len(rows), batch_size):
-            total += _nll(
-                model, torch.tensor(rows[i : i + batch_size], device=model.device), offset
-            )
-        n_tokens += len(rows) * (length - offset)
-        n_windows += len(rows)
-    nll = total / n_tokens
-    return PerplexityResult(math.exp(nll), nll, n_tokens, n_windows, seq_len, stride)
+            batch = torch.tensor(rows[i : i + batch_size], device=model.device)
+            window_nll += _nll(model, batch, offset)
+        window_tokens += [length - offset] * len(rows)
+    n_tokens = sum(window_tokens)
+    nll = math.fsum(window_nll) / n_tokens
+    return PerplexityResult(
+        math.exp(nll), nll, n_tokens, len(window_nll), seq_len, stride, window_nll, window_tokens
+    )
 
 
 def perplexity_of_file(
@@ -118,3 +127,13 @@ def perplexity_of_file(
     if not path.is_file():
         raise LayerpruneError(f"perplexity file '{path}' does not exist")
     return perplexity(model, tokenizer, path.read_text(encoding="utf-8"), **options)
+
+
+def perplexity_ci(
+    window_nll: Sequence[float], window_tokens: Sequence[int], seed: int = 0, iters: int = ITERS
+) -> tuple[float, float]:
+    """95% percentile bootstrap interval of exp(sum NLL / sum tokens), windows resampled with
+    replacement (the ratio is recomputed on each resample, so uneven windows weigh right)."""
+    columns = np.stack([np.asarray(window_nll, float), np.asarray(window_tokens, float)], axis=1)
+    draws = resample_means({"windows": columns}, iters, seed)["windows"]
+    return percentile_ci(np.exp(draws[:, 0] / draws[:, 1]))

@@ -23,20 +23,41 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 from omegaconf import OmegaConf
 
+from layerprune.errors import LayerpruneError
 from layerprune.files import atomic_write, read_json, write_text
 from layerprune.plots import draw_metrics
 from layerprune.records import run_records
+from layerprune.stability import (
+    Sample,
+    accuracy_stats,
+    average_intervals,
+    interval,
+    paired_correct,
+    read_samples,
+    stability,
+    stability_draws,
+)
+from layerprune.stats import ITERS, bootstrap_p, holm, percentile_ci, resample_means
 
 Run = dict[str, Any]
 Key = tuple[Any, ...]  # (model, sparsity unit, sparsity amount, method, *group-by values)
 GAP = "–"
 TEXT = ("Model", "Sparsity", "Method")
-SUMMARY = ("Avg", "RP", "Agreement", "Stability", "Stability (legacy)", "PPL")
+SUMMARY = ("Avg", "ΔAvg", "RP", "Agreement", "Stability", "Stability (legacy)")
 NOTE = (
-    "Accuracies, Avg, RP and removed params in %; – : no result (missing, failed or not evaluated)."
+    "Accuracies, Avg, ΔAvg (pruned − dense), RP and removed params in %; – : no result "
+    "(missing, failed or not evaluated). ± : half-width of the 95% interval (accuracies: Wilson; "
+    "ΔAvg, RP, stability: paired bootstrap over documents; PPL: bootstrap over windows), "
+    "recomputed from the run's per-document samples where it kept them; no ± : no per-document "
+    "samples. † : at or below the task's majority-class or chance accuracy on its documents. "
+    "Stability: NLL-weighted (README); older runs recorded an exp(NLL)-weighted one, which is "
+    "recomputed from their samples where they kept them, else left out."
 )
+PM = " ±"  # a column's half-width column
+MARK = " †"  # a column's at-chance mark
 
 
 @dataclass
@@ -137,11 +158,114 @@ def task_column(row: dict[str, Any]) -> str:
     return row["task"] if row["metric"] == "acc" else f"{row['task']} ({row['metric']})"
 
 
-def results(run: Run, side: str) -> dict[str, Any]:
-    """The evaluation of one side (``dense`` or ``pruned``) of a run, by table column."""
+def half(ci: Any) -> float | None:
+    return (ci["hi"] - ci["lo"]) / 2 if isinstance(ci, dict) else None
+
+
+def perplexities(ev: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{text: {"dense": .., "pruned": ..}}``; older records held one text's ``dense`` and
+    ``pruned`` directly (named here by their file's stem, as newer runs name a single text)."""
+    ppl = ev.get("perplexity") or {}
+    if isinstance(ppl.get("dense"), dict) or isinstance(ppl.get("pruned"), dict):
+        path = get(ppl, "dense.path") or get(ppl, "pruned.path")
+        return {Path(path).stem if path else "": ppl}
+    return {name: entry for name, entry in ppl.items() if isinstance(entry, dict)}
+
+
+def ppl_column(name: str) -> str:
+    return f"PPL {name}" if name else "PPL"
+
+
+def uncertainty(run: Run) -> tuple[int, int]:
+    """The bootstrap seed and resamples the run used (older runs: 0 and the default)."""
+    u = get(run, "eval.uncertainty") or {}
+    return int(u.get("seed", 0)), int(u.get("bootstrap_iters", ITERS))
+
+
+def load_side(run: Run, side: str, task: str) -> list[Sample] | None:
+    path = Path(run["run_dir"]) / "samples" / side / f"{task}.jsonl.gz"
+    return read_samples(path) if path.is_file() else None
+
+
+_recomputed: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def recompute(run: Run) -> dict[str, Any]:
+    """:func:`recompute_run`, once per run folder and record."""
+    key = (run["run_dir"], str(run.get("created")))
+    if key not in _recomputed:
+        _recomputed[key] = recompute_run(run)
+    return _recomputed[key]
+
+
+def recompute_run(run: Run) -> dict[str, Any]:
+    """Every interval of a run's evaluation, recomputed from its per-document samples where it
+    kept them (``samples/{dense,pruned}/<task>.jsonl.gz``), with the run's seed and resamples;
+    tasks without samples keep the record's intervals (groups such as mmlu among them: their
+    samples are per subtask). Returns the task rows and the average, as the record has them,
+    plus ``recomputed`` (tasks) and ``draws`` (task -> bootstrap means, for the average)."""
     ev = run.get("eval") or {}
-    values = {task_column(r): r[side] for r in ev.get("tasks", [])}
-    values.update(Avg=get(ev, f"average.{side}"), PPL=get(ev, f"perplexity.{side}.ppl"))
+    seed, iters = uncertainty(run)
+    rows, draws, stab, done = [], {}, {}, []
+    for row in ev.get("tasks", []):
+        row = dict(row)
+        dense, pruned = load_side(run, "dense", row["task"]), load_side(run, "pruned", row["task"])
+        if dense and pruned and row["metric"] in ("acc", "acc_norm"):
+            norm = row["metric"] == "acc_norm"
+            try:
+                cols = paired_correct(dense, pruned, norm)
+            except LayerpruneError as e:
+                print(f"note: {run['run_dir']}: {row['task']}: {e}")
+            else:
+                stats, draws[row["task"]] = accuracy_stats(cols, dense, seed, iters, row["task"])
+                row.update(stats)
+                s = stability_draws(dense, pruned, norm, seed, iters, row["task"])
+                row["stability"] = stability(dense, pruned, norm)
+                row["stability_ci"] = interval(*percentile_ci(s))
+                stab[row["task"]] = s
+                done.append(row["task"])
+        rows.append(row)
+    average = dict(ev.get("average") or {})
+    rp_ci = ev.get("rp_ci")
+    if rows and len(draws) == len(rows):
+        average.update(average_intervals([draws[r["task"]] for r in rows]))
+        rp_ci = average.pop("rp_ci")
+    overall = dict(ev.get("stability") or {})
+    if "stability_exp_ppl" not in overall:  # an older record: its stability used exp(NLL)
+        overall.pop("stability", None)
+    if rows and len(stab) == len(rows):
+        overall["stability"] = float(np.mean([r["stability"] for r in rows]))
+        overall["stability_ci"] = interval(*percentile_ci(np.mean(list(stab.values()), axis=0)))
+    return {"tasks": rows, "average": average, "rp_ci": rp_ci, "stability": overall,
+            "recomputed": done, "draws": draws}  # fmt: skip
+
+
+def at_chance(row: dict[str, Any], side: str) -> bool:
+    if "majority" not in row and "chance" not in row:
+        return False
+    floor = max(row.get("majority", -1.0), row.get("chance", -1.0))
+    return row.get(side) is not None and row[side] <= floor + 1e-12
+
+
+def results(run: Run, side: str) -> dict[str, Any]:
+    """The evaluation of one side (``dense`` or ``pruned``) of a run, by table column; a
+    column's half-width and at-chance mark go under ``column + PM`` and ``column + MARK``."""
+    ev = run.get("eval") or {}
+    found = recompute(run) if ev else {"tasks": [], "average": {}}
+    values: dict[str, Any] = {}
+    for r in found["tasks"]:
+        column = task_column(r)
+        values[column] = r[side]
+        values[column + PM] = half(r.get(f"{side}_ci"))
+        values[column + MARK] = at_chance(r, side)
+    avg = found["average"]
+    values.update({"Avg": avg.get(side), "Avg" + PM: half(avg.get(f"{side}_ci"))})
+    for name, entry in perplexities(ev).items():
+        values[ppl_column(name)] = get(entry, f"{side}.ppl")
+        values[ppl_column(name) + PM] = half(get(entry, f"{side}.ci"))
+    if side == "pruned" and ev:
+        values.update({"ΔAvg": avg.get("delta"), "ΔAvg" + PM: half(avg.get("delta_ci")),
+                       "RP" + PM: half(found["rp_ci"])})  # fmt: skip
     return values
 
 
@@ -154,7 +278,10 @@ def pruned_row(run: Run) -> dict[str, Any]:
         **results(run, "pruned"),
         "RP": get(run, "eval.rp"),
         "Agreement": get(run, "eval.stability.agreement"),
-        "Stability": get(run, "eval.stability.stability"),
+        "Stability": recompute(run)["stability"].get("stability") if run.get("eval") else None,
+        "Stability" + PM: half(recompute(run)["stability"].get("stability_ci"))
+        if run.get("eval")
+        else None,
         "Stability (legacy)": get(run, "eval.stability.stability_legacy"),
     }
 
@@ -163,16 +290,26 @@ def dense_row(runs: Iterable[Run]) -> dict[str, Any]:
     """The original model, from the newest run that evaluated each task."""
     row: dict[str, Any] = {"Removed layers": 0, "Removed params": 0.0}
     for run in sorted(filter(finished, runs), key=lambda r: r["created"]):
-        row.update({k: v for k, v in results(run, "dense").items() if v is not None})
+        values = results(run, "dense")
+        for column, value in values.items():
+            if value is not None and not column.endswith((PM, MARK)):
+                row.update({k: values[k] for k in (column, column + PM, column + MARK)
+                            if k in values})  # fmt: skip
     return {**row, "RP": 1.0} if row.get("Avg") is not None else row
 
 
 def build_table(chosen: dict[Key, Run], group_by: Sequence[str] = ()) -> Table:
     """Per model a dense row, then every (sparsity, method) pair seen for that model; a pair
     without a finished run is a row of gaps."""
-    names = dict.fromkeys(col for run in chosen.values() for col in results(run, "dense"))
-    tasks = [name for name in names if name not in SUMMARY]
-    columns = [*TEXT, *group_by, "Removed layers", "Removed params", *tasks, *SUMMARY]
+    names = dict.fromkeys(
+        col
+        for run in chosen.values()
+        for col in results(run, "dense")
+        if not col.endswith((PM, MARK))
+    )
+    tasks = [name for name in names if name not in SUMMARY and not name.startswith("PPL")]
+    ppl = [name for name in names if name.startswith("PPL")]
+    columns = [*TEXT, *group_by, "Removed layers", "Removed params", *tasks, *SUMMARY, *ppl]
     rows = []
     for model in sorted({key[0] for key in chosen}):
         keys = [key for key in chosen if key[0] == model]
@@ -191,24 +328,36 @@ def is_gap(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def fmt(column: str, value: Any) -> str:
+def fmt_number(column: str, value: float) -> str:
+    if column in ("Agreement", "Stability", "Stability (legacy)"):
+        return f"{value:.3f}"
+    if column.startswith("PPL"):
+        return f"{value:.2f}"
+    return f"{100 * value:.1f}"
+
+
+def fmt(column: str, value: Any, pm: Any = None, mark: bool = False) -> str:
+    """A cell: the value, `` ± half-width`` where it has one, ``†`` where at chance."""
     if is_gap(value):
         return GAP
     if isinstance(value, str):
         return value
     if column == "Removed layers":
         return str(value)
-    if column in ("Agreement", "Stability", "Stability (legacy)"):
-        return f"{value:.3f}"
-    if column == "PPL":
-        return f"{value:.2f}"
-    return f"{100 * value:.1f}"
+    text = fmt_number(column, value)
+    if not is_gap(pm):
+        text += f" ± {fmt_number(column, pm)}"
+    return text + ("†" if mark else "")
+
+
+def cell(column: str, row: dict[str, Any]) -> str:
+    return fmt(column, row.get(column), row.get(column + PM), bool(row.get(column + MARK)))
 
 
 def to_markdown(table: Table) -> str:
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     for row in table.rows:
-        lines.append("| " + " | ".join(fmt(c, row.get(c)) for c in table.columns) + " |")
+        lines.append("| " + " | ".join(cell(c, row) for c in table.columns) + " |")
     return "\n".join([*lines, "", NOTE, ""])
 
 
@@ -228,17 +377,29 @@ def to_latex(table: Table) -> str:
         if row["Model"] != model:
             lines.append(r"\midrule")
             model = row["Model"]
-        lines.append(" & ".join(latex_escape(fmt(c, row.get(c))) for c in cols) + r" \\")
+        cells = (latex_escape(cell(c, row)).replace("±", r"$\pm$").replace("†", r"$^\dagger$")
+                 for c in cols)  # fmt: skip
+        lines.append(" & ".join(cells) + r" \\")
     return "\n".join([*lines, r"\bottomrule", r"\end{tabular}", ""])
 
 
 def to_csv(table: Table) -> str:
-    """Raw values (fractions, not %) for further analysis; gaps are NaN."""
+    """Raw values (fractions, not %) for further analysis, each followed by its half-width
+    (``<column> ±``) and at-chance mark (``<column> †``, 0/1) where any row has one; gaps
+    are NaN."""
+    columns = []
+    for c in table.columns:
+        columns.append(c)
+        columns += [c + x for x in (PM, MARK) if any(c + x in row for row in table.rows)]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(table.columns)
+    writer.writerow(columns)
     for row in table.rows:
-        writer.writerow(["NaN" if is_gap(row.get(c)) else row[c] for c in table.columns])
+        values = []
+        for c in columns:
+            v = row.get(c)
+            values.append(int(bool(v)) if c.endswith(MARK) else "NaN" if is_gap(v) else v)
+        writer.writerow(values)
     return buf.getvalue()
 
 
@@ -252,15 +413,35 @@ def filename(*parts: Any) -> str:
     return re.sub(r"[^\w.-]+", "_", "_".join(map(str, parts))) + ".png"
 
 
-CURVES = {  # run field: (axis label, scale, dense-row column)
-    "eval.average.pruned": ("average accuracy (%)", 100.0, "Avg"),
-    "eval.perplexity.pruned.ppl": ("perplexity", 1.0, "PPL"),
-}
+def curve_point(run: Run | None, column: str) -> tuple[float, float, float]:
+    """A pruned run's value of a table column and its interval's half-widths below and above
+    (NaN where missing; 0 where it has no interval)."""
+    if run is None or not run.get("eval"):
+        return (math.nan, 0.0, 0.0)
+    if column == "Avg":
+        avg = recompute(run)["average"]
+        value, ci = avg.get("pruned"), avg.get("pruned_ci")
+    else:
+        entry = perplexities(run["eval"]).get(column)
+        value, ci = get(entry, "pruned.ppl"), get(entry, "pruned.ci")
+    if is_gap(value):
+        return (math.nan, 0.0, 0.0)
+    if not isinstance(ci, dict):
+        return (value, 0.0, 0.0)
+    return (value, max(0.0, value - ci["lo"]), max(0.0, ci["hi"] - value))
+
+
+def first_text(runs: Iterable[Run]) -> str | None:
+    for run in runs:
+        names = list(perplexities(run.get("eval") or {}))
+        if names:
+            return names[0]
+    return None
 
 
 def plot_curves(chosen: dict[Key, Run], out: Path) -> list[Path]:
-    """Average accuracy and perplexity against sparsity, per model and sparsity unit; a missing
-    run breaks its line instead of drawing a zero."""
+    """Average accuracy and perplexity (of the first text) against sparsity, per model and
+    sparsity unit, with 95% error bars; a missing run breaks its line instead of drawing a zero."""
     paths = []
     for model, unit in sorted({key[:2] for key in chosen}):
         keys = [key for key in chosen if key[:2] == (model, unit)]
@@ -268,18 +449,24 @@ def plot_curves(chosen: dict[Key, Run], out: Path) -> list[Path]:
         if len(xs) < 2 or not any(get(chosen[key], "eval") for key in keys):
             continue
         dense = dense_row(run for key, run in chosen.items() if key[0] == model)
+        text = first_text(chosen[key] for key in keys)
+        panels = [("Avg", "average accuracy (%)", 100.0, "Avg")]
+        if text is not None:
+            panels.append((text, f"perplexity {text}".strip(), 1.0, ppl_column(text)))
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-        for ax, (field, (ylabel, scale, column)) in zip(axes, CURVES.items(), strict=True):
+        for ax, (field, ylabel, scale, column) in zip(axes, panels, strict=False):
             for name in sorted({key[3:] for key in keys}):
-                ys = [get(chosen.get((model, unit, x, *name)), field) for x in xs]
-                ys = [math.nan if is_gap(y) else scale * y for y in ys]
-                ax.plot(xs, ys, marker="o", label=" ".join(map(str, name)))
+                points = [curve_point(chosen.get((model, unit, x, *name)), field) for x in xs]
+                ys = [scale * y for y, _, _ in points]
+                err = [[scale * lo for _, lo, _ in points], [scale * hi for _, _, hi in points]]
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3,
+                            label=" ".join(map(str, name)))  # fmt: skip
             if not is_gap(dense.get(column)):
                 ax.axhline(scale * dense[column], color="black", ls="--", lw=1, label="dense")
             ax.set(xlabel=f"sparsity ({unit})", ylabel=ylabel)
         axes[1].set_yscale("log")
         axes[0].legend(fontsize=8)
-        fig.suptitle(model)
+        fig.suptitle(f"{model} (bars: 95% intervals)")
         paths.append(save(fig, out / filename("curve", model, unit)))
     return paths
 
@@ -306,6 +493,149 @@ def plot_layers(chosen: dict[Key, Run], out: Path) -> list[Path]:
         ax.set(xlabel="residual state j (input of layer j)", ylabel="residual state i", title=title)
         paths.append(save(fig, out / filename("similarity", model)))
     return paths
+
+
+ALPHA = 0.05
+
+
+def pruned_samples(run: Run) -> dict[str, tuple[str, list[Sample]]] | None:
+    """``{task: (metric, pruned samples)}`` for every task of a run; None when any task lacks
+    its samples file."""
+    out = {}
+    for row in get(run, "eval.tasks") or []:
+        samples = load_side(run, "pruned", row["task"])
+        if not samples or row["metric"] not in ("acc", "acc_norm"):
+            return None
+        out[row["task"]] = (row["metric"], samples)
+    return out or None
+
+
+@dataclass
+class Comparison:
+    a: str
+    b: str
+    task: str  # "average" or a task
+    delta: float  # a − b
+    ci: tuple[float, float]
+    p: float
+    p_holm: float = math.nan
+
+
+def compare_pair(
+    a: dict[str, tuple[str, list[Sample]]],
+    b: dict[str, tuple[str, list[Sample]]],
+    names: tuple[str, str],
+    seed: int,
+    iters: int,
+) -> list[Comparison]:
+    """Paired bootstrap of method a minus method b, per task and on the average: each task's
+    documents resampled on their own, the same indices for both methods."""
+    draws, observed = {}, {}
+    for task in a:
+        norm = a[task][0] == "acc_norm"
+        cols = paired_correct(a[task][1], b[task][1], norm)
+        draws[task] = resample_means({task: cols}, iters, seed)[task]
+        observed[task] = float(cols[:, 0].mean() - cols[:, 1].mean())
+    out = []
+    for task, d in draws.items():
+        diff = d[:, 0] - d[:, 1]
+        out.append(Comparison(*names, task, observed[task], percentile_ci(diff),
+                              bootstrap_p(diff, observed[task])))  # fmt: skip
+    mean = np.mean(list(draws.values()), axis=0)
+    diff, delta = mean[:, 0] - mean[:, 1], float(np.mean(list(observed.values())))
+    out.append(Comparison(*names, "average", delta, percentile_ci(diff), bootstrap_p(diff, delta)))
+    return out
+
+
+def same_documents(
+    a: dict[str, tuple[str, list[Sample]]], b: dict[str, tuple[str, list[Sample]]]
+) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(
+        a[t][0] == b[t][0] and {s.doc_id for s in a[t][1]} == {s.doc_id for s in b[t][1]} for t in a
+    )
+
+
+def compare_methods(chosen: dict[Key, Run]) -> str:
+    """``comparisons.md``: per model, sparsity and group, every pair of methods evaluated on the
+    same documents, with the paired bootstrap interval of their difference (average and per
+    task) and a Holm-corrected p-value (the average comparisons of a cell are one family, its
+    per-task comparisons another); the best method is named only where it is significantly
+    above every other one."""
+    lines = [
+        "# Method comparisons",
+        "",
+        "Δ = accuracy of the first method minus the second's, in points, on the same documents. "
+        "95% interval: paired percentile bootstrap over documents (each task resampled on its "
+        "own, the same documents for both methods). p: two-sided bootstrap p-value (the "
+        "resampled differences, shifted to mean 0, as the null), Holm-corrected within each "
+        f"family. Significant: Holm p < {ALPHA}.",
+        "",
+    ]
+    cells: dict[Key, dict[str, Run]] = {}
+    for key, run in chosen.items():
+        if finished(run) and run.get("eval"):
+            cells.setdefault((*key[:3], *key[4:]), {})[key[3]] = run
+    for cell_key, runs in sorted(cells.items(), key=lambda kv: str(kv[0])):
+        if len(runs) < 2:
+            continue
+        model, unit, amount, *groups = cell_key
+        title = " ".join([str(model), sparsity_label(unit, amount), *map(str, groups)])
+        lines += [f"## {title}", ""]
+        samples = {m: pruned_samples(run) for m, run in sorted(runs.items())}
+        without = [m for m, s in samples.items() if s is None]
+        if without:
+            lines += [f"Without per-document samples, so not compared (no interval can be "
+                      f"computed): {', '.join(without)}.", ""]  # fmt: skip
+        have = {m: s for m, s in samples.items() if s is not None}
+        seed, iters = uncertainty(next(iter(runs.values())))
+        found: list[Comparison] = []
+        methods = sorted(have)
+        for i, a in enumerate(methods):
+            for b in methods[i + 1 :]:
+                if same_documents(have[a], have[b]):
+                    found += compare_pair(have[a], have[b], (a, b), seed, iters)
+                else:
+                    lines += [f"{a} and {b} were evaluated on different documents: not "
+                              "compared.", ""]  # fmt: skip
+        if not found:
+            continue
+        for family in ("average", "tasks"):
+            members = [c for c in found if (c.task == "average") == (family == "average")]
+            for c, p in zip(members, holm([c.p for c in members]), strict=True):
+                c.p_holm = p
+        lines += ["| method A | method B | task | Δ (A − B) | 95% interval | p (Holm) | |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for c in sorted(found, key=lambda c: (c.task != "average", c.task, c.a, c.b)):
+            verdict = "significant" if c.p_holm < ALPHA else "undecided"
+            lines.append(
+                f"| {c.a} | {c.b} | {c.task} | {100 * c.delta:+.1f} | "
+                f"[{100 * c.ci[0]:+.1f}, {100 * c.ci[1]:+.1f}] | {c.p_holm:.3g} | {verdict} |"
+            )
+        lines += ["", *verdicts([c for c in found if c.task == "average"], methods), ""]
+    return "\n".join(lines)
+
+
+def verdicts(average: list[Comparison], methods: list[str]) -> list[str]:
+    """In words: the best method where it is significantly above every other, and the
+    undecided pairs."""
+    wins = {m: 0 for m in methods}
+    for c in average:
+        if c.p_holm < ALPHA:
+            wins[c.a if c.delta > 0 else c.b] += 1
+    best = [m for m, w in wins.items() if w == len(methods) - 1]
+    out = [f"Best on the average: **{best[0]}**, significantly above every other method."
+           if best else "No method is significantly best on the average."]  # fmt: skip
+    undecided = [c for c in average if c.p_holm >= ALPHA]
+    if undecided:
+        pairs = "; ".join(
+            f"{c.a} vs {c.b} (Δ {100 * c.delta:+.1f}, [{100 * c.ci[0]:+.1f}, "
+            f"{100 * c.ci[1]:+.1f}], p = {c.p_holm:.3g})"
+            for c in undecided
+        )
+        out.append(f"Undecided on the average (the data cannot order them): {pairs}.")
+    return out
 
 
 def log_wandb(
@@ -349,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_text(args.out / "table.md", markdown)
     write_text(args.out / "table.tex", to_latex(table))
     write_text(args.out / "table.csv", to_csv(table))
+    write_text(args.out / "comparisons.md", compare_methods(chosen))
     figures = [*plot_curves(chosen, args.out), *plot_layers(chosen, args.out)]
     done = sum(map(finished, runs))
     print(markdown)

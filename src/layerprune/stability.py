@@ -2,7 +2,8 @@
 
 Accuracy alone hides churn: a pruned model can keep its score while flipping many answers.
 ``agreement`` counts identical answers; ``stability`` is LLM-Streamline's metric, which weights
-each question by how much the dense model's perplexities of its options spread.
+each question by how much the dense model's per-token NLLs of its options spread; ``flips``
+counts the answers that turned right -> wrong and wrong -> right, which McNemar's test compares.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ import numpy as np
 
 from layerprune.errors import LayerpruneError
 from layerprune.files import atomic_write
+from layerprune.stats import (
+    ITERS,
+    effective_sample_size,
+    mcnemar,
+    percentile_ci,
+    resample_means,
+    standard_error,
+    wilson,
+)
 
 
 @dataclass
@@ -130,14 +140,16 @@ def _paired(dense: Sequence[Sample], pruned: Sequence[Sample]) -> list[tuple[Sam
     return pairs
 
 
-def _weights(pairs: list[tuple[Sample, Sample]], legacy: bool) -> np.ndarray:
-    """softmax over docs of the std over options of the dense model's per-token PPL.
-
-    ``legacy`` takes the per-token NLL instead of its exp: OpenCompass, whose outputs the
-    authors' script reads, stores the mean token loss under the name "PPL".
-    """
+def _spread(pairs: list[tuple[Sample, Sample]], exp_ppl: bool) -> np.ndarray:
+    """Per doc, the population std over options of the dense model's mean NLL per token of
+    each option's continuation (of exp of it, the per-token perplexity, if ``exp_ppl``)."""
     nll = [-np.asarray(a.loglikelihoods, np.float64) / np.asarray(a.tokens) for a, _ in pairs]
-    spread = np.array([np.std(x if legacy else np.exp(x)) for x in nll])
+    return np.array([np.std(np.exp(x) if exp_ppl else x) for x in nll])
+
+
+def _weights(pairs: list[tuple[Sample, Sample]], exp_ppl: bool = False) -> np.ndarray:
+    """softmax over docs of :func:`_spread`."""
+    spread = _spread(pairs, exp_ppl)
     w = np.exp(spread - spread.max())
     return w / w.sum()
 
@@ -152,8 +164,10 @@ def _compare(
     return pairs, matches, same
 
 
-def _stability(pairs: list[tuple[Sample, Sample]], m: np.ndarray, legacy: bool) -> float:
-    w = _weights(pairs, legacy)
+def _stability(
+    pairs: list[tuple[Sample, Sample]], m: np.ndarray, legacy: bool, exp_ppl: bool = False
+) -> float:
+    w = _weights(pairs, exp_ppl)
     return float(w[: int(m.sum())].sum() if legacy else w[m].sum())
 
 
@@ -163,49 +177,173 @@ def agreement(dense: Sequence[Sample], pruned: Sequence[Sample], norm: bool = Fa
 
 
 def stability(
-    dense: Sequence[Sample], pruned: Sequence[Sample], norm: bool = False, legacy: bool = False
+    dense: Sequence[Sample],
+    pruned: Sequence[Sample],
+    norm: bool = False,
+    legacy: bool = False,
+    exp_ppl: bool = False,
 ) -> float:
     """LLM-Streamline's stability: agreement on correctness, weighted toward hard-to-call docs.
 
-    With PPL_ij = exp(-ll_ij / tokens_ij) the dense model's per-token perplexity of option j
-    of doc i, s_i = std_j PPL_ij is the population std (ddof=0, numpy's default, as in the
-    authors' script), w = softmax_i(s_i), and m_i = 1 when both models are right or both wrong
-    (acc_norm's picks if ``norm``). The result is sum_i w_i m_i, docs in doc_id order.
+    With NLL_ij = -ll_ij / tokens_ij the dense model's mean NLL per token of option j's
+    continuation of doc i, s_i = std_j NLL_ij is the population std (ddof=0, numpy's default,
+    as in the authors' script), w = softmax_i(s_i), and m_i = 1 when both models are right or
+    both wrong (acc_norm's picks if ``norm``). The result is sum_i w_i m_i, docs in doc_id
+    order. OpenCompass, whose outputs the authors' script reads, stores this mean NLL per token
+    under the name "PPL".
 
-    ``legacy`` reproduces the authors' released script on OpenCompass outputs: it sums the
-    first sum_i m_i weights in doc order, whichever docs matched, and its weights come from
-    the per-token NLL that OpenCompass stores as "PPL" rather than from exp of it. It is kept
-    only to compare with published numbers. (With exp, a few docs whose options the model
-    finds very unlikely take nearly all the weight on small models.)
+    ``legacy`` reproduces the authors' released script: it sums the first sum_i m_i weights in
+    doc order, whichever docs matched. It is kept only to compare with published numbers.
+    ``exp_ppl`` takes the std of exp(NLL_ij) instead (a reading of the paper's "PPL" as a
+    perplexity): on small models a few docs then take nearly all the weight, so it is reported
+    only under the name ``stability_exp_ppl``, never as the headline.
     """
     pairs, m, _ = _compare(dense, pruned, norm)
-    return _stability(pairs, m, legacy)
+    return _stability(pairs, m, legacy, exp_ppl)
+
+
+def stability_columns(
+    dense: Sequence[Sample], pruned: Sequence[Sample], norm: bool = False
+) -> np.ndarray:
+    """Per doc ``(e_i m_i, e_i)`` with e_i = exp(s_i - max s): stability is the ratio of the two
+    columns' sums, so a bootstrap that resamples docs (rows) renormalises the softmax over the
+    resampled docs."""
+    pairs, m, _ = _compare(dense, pruned, norm)
+    spread = _spread(pairs, exp_ppl=False)
+    e = np.exp(spread - spread.max())
+    return np.stack([e * m, e], axis=1)
+
+
+def paired_correct(
+    dense: Sequence[Sample], pruned: Sequence[Sample], norm: bool = False
+) -> np.ndarray:
+    """Per doc, in doc_id order, ``(dense right, pruned right)`` as 0/1 columns."""
+    pairs = _paired(dense, pruned)
+    return np.array(
+        [[a.pred(norm) == a.gold, b.pred(norm) == b.gold] for a, b in pairs], dtype=np.float64
+    ).reshape(len(pairs), 2)
+
+
+def baselines(samples: Sequence[Sample]) -> dict[str, float]:
+    """What needs no model on these docs: ``majority``, the accuracy of always picking the
+    option index that is most often gold, and ``chance``, the mean of 1 / number of options."""
+    golds = Counter(s.gold for s in samples)
+    return {
+        "majority": max(golds.values()) / len(samples),
+        "chance": math.fsum(1 / len(s.loglikelihoods) for s in samples) / len(samples),
+    }
+
+
+def interval(lo: float, hi: float) -> dict[str, float]:
+    """An interval as the run record keeps it (a mapping, so its ends reach W&B as numbers)."""
+    return {"lo": lo, "hi": hi}
+
+
+def accuracy_stats(
+    columns: np.ndarray, dense: Sequence[Sample], seed: int, iters: int, key: str
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Per task, from its per-document 0/1 ``columns`` (dense right, pruned right): the doc
+    count, standard errors, 95% Wilson intervals, the paired bootstrap interval of the
+    difference, and the majority-class and chance accuracies of the docs; with the bootstrap
+    draws of both means (``(iters, 2)``, the generator seeded by ``seed`` and ``key``)."""
+    n = len(columns)
+    draws = resample_means({key: columns}, iters, seed)[key]
+    stats: dict[str, Any] = {"n": n}
+    for i, side in enumerate(("dense", "pruned")):
+        stats[f"{side}_se"] = standard_error(columns[:, i])
+        stats[f"{side}_ci"] = interval(*wilson(float(columns[:, i].sum()), n))
+    stats["delta_ci"] = interval(*percentile_ci(draws[:, 1] - draws[:, 0]))
+    stats.update(baselines(dense))
+    return stats, draws
+
+
+def average_intervals(task_draws: Sequence[np.ndarray]) -> dict[str, dict[str, float]]:
+    """From each task's ``(iters, 2)`` bootstrap means (dense, pruned; drawn with the same
+    indices for both): 95% intervals of the dense and pruned averages over tasks, of their
+    difference and of RP = pruned / dense, as ``dense_ci``, ``pruned_ci``, ``delta_ci``,
+    ``rp_ci``."""
+    mean = np.mean(task_draws, axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rp = mean[:, 1] / mean[:, 0]
+    return {
+        "dense_ci": interval(*percentile_ci(mean[:, 0])),
+        "pruned_ci": interval(*percentile_ci(mean[:, 1])),
+        "delta_ci": interval(*percentile_ci(mean[:, 1] - mean[:, 0])),
+        "rp_ci": interval(*percentile_ci(rp)),
+    }
+
+
+def stability_draws(
+    dense: Sequence[Sample], pruned: Sequence[Sample], norm: bool, seed: int, iters: int, key: str
+) -> np.ndarray:
+    """Bootstrap draws of stability: docs resampled with replacement, the softmax renormalised
+    over each resample (the generator seeded by ``seed`` and ``key``)."""
+    columns = stability_columns(dense, pruned, norm)
+    draws = resample_means({key: columns}, iters, seed)[key]
+    return draws[:, 0] / draws[:, 1]
+
+
+def flips(dense: Sequence[Sample], pruned: Sequence[Sample], norm: bool = False) -> tuple[int, int]:
+    """``(right -> wrong, wrong -> right)``: docs the dense model got right and the pruned one
+    wrong, and the reverse."""
+    pairs = _paired(dense, pruned)
+    d = np.array([a.pred(norm) == a.gold for a, _ in pairs])
+    p = np.array([b.pred(norm) == b.gold for _, b in pairs])
+    return int(np.sum(d & ~p)), int(np.sum(~d & p))
 
 
 def task_stability(
-    dense: Sequence[Sample], pruned: Sequence[Sample], norm: bool = False
-) -> dict[str, float | int]:
-    """Every comparison for one task: agreement, stability (correct and legacy), doc count."""
+    dense: Sequence[Sample],
+    pruned: Sequence[Sample],
+    norm: bool = False,
+    seed: int = 0,
+    iters: int = ITERS,
+    key: str = "",
+) -> dict[str, Any]:
+    """Every comparison for one task: agreement; stability with its effective sample size
+    (1 / sum w^2) and bootstrap 95% CI (``iters`` resamples of the docs, seeded by ``seed`` and
+    ``key``); the legacy and exp(NLL) variants; the right->wrong and wrong->right flips and
+    McNemar's exact p-value; the doc count."""
     pairs, m, same = _compare(dense, pruned, norm)
+    weights = stability_columns(dense, pruned, norm)[:, 1]
+    lo, hi = percentile_ci(stability_draws(dense, pruned, norm, seed, iters, key))
+    r2w, w2r = flips(dense, pruned, norm)
     return {
         "agreement": float(same.mean()),
         "stability": _stability(pairs, m, legacy=False),
+        "stability_ci": interval(lo, hi),
+        "stability_ess": effective_sample_size(weights),
         "stability_legacy": _stability(pairs, m, legacy=True),
+        "stability_exp_ppl": _stability(pairs, m, legacy=False, exp_ppl=True),
+        "right_to_wrong": r2w,
+        "wrong_to_right": w2r,
+        "mcnemar_p": mcnemar(r2w, w2r),
         "n": len(m),
     }
 
 
-def average_over_tasks(per_task: Mapping[str, Mapping[str, float | int]]) -> dict[str, float]:
+MEANS = ("agreement", "stability", "stability_legacy", "stability_exp_ppl")
+SUMS = ("right_to_wrong", "wrong_to_right", "n")
+
+
+def average_over_tasks(per_task: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Plain mean over tasks, each task counting once whatever its size (as papers report).
 
-    ``n`` is the total number of docs rather than a mean.
+    Counts (``n`` and the flips) are totals rather than means; McNemar's p-value is that of
+    the total flips. Keys a task lacks (older records) are left out.
     """
     if not per_task:
         raise LayerpruneError("no tasks to average; need at least one task's results")
     rows = list(per_task.values())
-    keys = ("agreement", "stability", "stability_legacy")
-    means = {k: math.fsum(float(r[k]) for r in rows) / len(rows) for k in keys}
-    return {**means, "n": sum(int(r["n"]) for r in rows)}
+    out: dict[str, Any] = {
+        k: math.fsum(float(r[k]) for r in rows) / len(rows)
+        for k in MEANS
+        if all(k in r for r in rows)
+    }
+    out.update({k: sum(int(r[k]) for r in rows) for k in SUMS if all(k in r for r in rows)})
+    if "right_to_wrong" in out and "wrong_to_right" in out:
+        out["mcnemar_p"] = mcnemar(out["right_to_wrong"], out["wrong_to_right"])
+    return out
 
 
 def write_samples(path: str | Path, samples: Iterable[Sample]) -> Path:
