@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from layerprune import console
@@ -102,8 +102,13 @@ def window_lengths(cfg: DictConfig) -> dict[str, int]:
     lengths = {"calibration.seq_len": int(cfg.calibration.seq_len)}
     if cfg.recovery.get("steps") and cfg.recovery.get("train_data"):
         lengths["recovery.train_data.seq_len"] = int(cfg.recovery.train_data.seq_len)
-    if cfg.get("eval") and cfg.eval.get("perplexity"):
-        lengths["eval.perplexity.seq_len"] = int(cfg.eval.perplexity.seq_len)
+    texts = cfg.eval.get("perplexity") if cfg.get("eval") else None
+    if isinstance(texts, ListConfig):  # several perplexity texts
+        lengths.update(
+            {f"eval.perplexity.{i}.seq_len": int(t.seq_len) for i, t in enumerate(texts)}
+        )
+    elif texts:
+        lengths["eval.perplexity.seq_len"] = int(texts.seq_len)
     return lengths
 
 

@@ -70,9 +70,12 @@ def get(cfg: Config, key: str) -> Any:
     """The value at a dotted key, :data:`MISSING` when absent or ``???``."""
     node: Any = cfg
     for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]  # an item of a list, e.g. eval.perplexity.0.path
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
             return MISSING
-        node = node[part]
     return MISSING if node == "???" else node
 
 
@@ -234,14 +237,22 @@ def check_eval(cfg: Config) -> None:
     integer(cfg, "eval.batch_size", 1)
     if has(cfg, "eval.max_length"):
         integer(cfg, "eval.max_length", 2, optional=True)
-    if get(cfg, "eval.perplexity") not in (None, MISSING):
-        text_file(cfg, "eval.perplexity.path")
-        seq_len = integer(cfg, "eval.perplexity.seq_len", 2)
-        stride = get(cfg, "eval.perplexity.stride")
+    texts = get(cfg, "eval.perplexity")
+    if texts in (None, MISSING):
+        return
+    keys = (
+        [f"eval.perplexity.{i}" for i in range(len(texts))]
+        if isinstance(texts, list)
+        else ["eval.perplexity"]
+    )
+    for key in keys:  # one perplexity text, or a list of them
+        text_file(cfg, f"{key}.path")
+        seq_len = integer(cfg, f"{key}.seq_len", 2)
+        stride = get(cfg, f"{key}.stride")
         if stride is not None and (not is_int(stride) or not 1 <= stride <= (seq_len or 0)):
-            raise invalid("eval.perplexity.stride", stride, f"null or an integer in [1, {seq_len}]")
-        integer(cfg, "eval.perplexity.batch_size", 1)
-        integer(cfg, "eval.perplexity.max_tokens", seq_len or 2, optional=True)
+            raise invalid(f"{key}.stride", stride, f"null or an integer in [1, {seq_len}]")
+        integer(cfg, f"{key}.batch_size", 1)
+        integer(cfg, f"{key}.max_tokens", seq_len or 2, optional=True)
 
 
 def min_train_windows(step: Config) -> int:
