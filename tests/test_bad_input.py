@@ -4,6 +4,7 @@ with a traceback, never leaving results behind."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,37 @@ def test_a_mirror_file_that_is_not_json_is_one_error(tmp_path: Path) -> None:
         run(cfg, tmp_path / "run")
     assert str(err.value).startswith(f"data.mirror: {piqa / 'validation.jsonl'}")
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_mirror_file_lacking_a_prompt_field_is_one_error(tmp_path: Path) -> None:
+    # Jinja renders a missing field as "": without the check the task would score garbage
+    mirror = tmp_path / "mirror"
+    shutil.copytree(MIRROR / "text", mirror / "text")
+    piqa = mirror / "hf" / "baber" / "piqa" / "default"
+    piqa.mkdir(parents=True)
+    rows = [{"question": "x", "sol1": "a", "sol2": "b", "label": 0}] * 3
+    (piqa / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose_config([
+        *TINY, "eval=quick", "eval.tasks=[piqa]", "eval.limit=2", "eval.perplexity=null",
+        f"data.mirror={mirror}", f"paths.cache={tmp_path / 'cache'}",
+    ])  # fmt: skip
+    with pytest.raises(LayerpruneError) as err:
+        run(cfg, tmp_path / "run")
+    assert str(err.value) == (
+        f"data.mirror: {piqa / 'validation.jsonl'} (rows lack ['goal'], which task piqa reads); "
+        "allowed: rows with the fields of the task's prompts"
+    )
+
+
+def test_prompt_fields_are_read_from_the_templates() -> None:
+    from layerprune.mirror import prompt_fields
+
+    cfg = {"doc_to_text": "Q: {{goal}}\nA:", "doc_to_target": "label",
+           "doc_to_choice": "{{[sol1, sol2]}}"}  # fmt: skip
+    assert prompt_fields(cfg) == {"goal", "label", "sol1", "sol2"}
+    assert prompt_fields({**cfg, "doc_to_choice": ["no", "yes"]}) == {"goal", "label"}
+    assert prompt_fields({**cfg, "process_docs": "utils.process_docs"}) is None
+    assert prompt_fields({**cfg, "doc_to_text": "/x/preprocess.doc_to_text"}) is None
 
 
 def test_cache_under_a_file_is_one_error_when_the_run_folder_is_unwritable(tmp_path: Path) -> None:

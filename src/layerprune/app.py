@@ -93,7 +93,7 @@ def evaluator_for(cfg: DictConfig) -> Evaluator:
             for split in {leaf.eval_split, leaf.fewshot_split if suite.num_fewshot else None}:
                 path = leaf.mirror_dir(mirror) / f"{split}.jsonl"
                 if split and path.is_file():
-                    check_jsonl("data.mirror", path)
+                    check_jsonl("data.mirror", path, leaf.name, leaf.fields)
     return evaluator
 
 

@@ -34,6 +34,7 @@ class LeafTask:
     dataset_name: str | None
     splits: dict[str, str | None]  # SPLIT_KEYS -> split name
     output_type: str = "multiple_choice"
+    fields: frozenset[str] | None = None  # the document fields its prompts read (None: unknown)
 
     @property
     def local(self) -> bool:
@@ -50,6 +51,33 @@ class LeafTask:
 
     def mirror_dir(self, mirror: Path) -> Path:
         return mirror / "hf" / self.dataset_path / (self.dataset_name or "default")
+
+
+PROMPT_KEYS = ("doc_to_text", "doc_to_target", "doc_to_choice")
+JINJA_NAMES = frozenset({"range", "loop", "dict", "namespace", "lipsum", "cycler", "joiner"})
+
+
+def prompt_fields(cfg: dict[str, Any]) -> frozenset[str] | None:
+    """The fields of a raw document that a task's prompt templates read, so that a mirror file
+    lacking one fails before any model work: a Jinja template renders a missing field as an
+    empty string and would score garbage silently. None where a Python function preprocesses
+    the documents or builds a prompt, since its needs cannot be read from the config."""
+    from jinja2 import Environment, meta
+
+    if cfg.get("process_docs"):
+        return None
+    fields: set[str] = set()
+    for key in PROMPT_KEYS:
+        value = cfg.get(key)
+        if not isinstance(value, str):
+            continue  # a constant list of choices, or absent
+        if "{{" in value or "{%" in value:
+            fields |= meta.find_undeclared_variables(Environment().parse(value)) - JINJA_NAMES
+        elif value.isidentifier():
+            fields.add(value)  # lm-eval reads a bare name as that field of the document
+        else:
+            return None  # a function
+    return frozenset(fields)
 
 
 def check_task_names(manager: TaskManager, names: list[str]) -> None:
@@ -90,6 +118,7 @@ def leaf_tasks(manager: TaskManager, names: list[str]) -> dict[str, list[LeafTas
                 dataset_name=cfg.get("dataset_name"),
                 splits={k: cfg.get(k) for k in SPLIT_KEYS},
                 output_type=str(cfg.get("output_type", "multiple_choice")),
+                fields=prompt_fields(cfg),
             )
         return [seen[name]]
 

@@ -410,8 +410,11 @@ def check_model(
             )  # fmt: skip
 
 
-def check_jsonl(key: str, path: Path) -> None:
-    """A data mirror file: every line one JSON object with the fields of the first line."""
+def check_jsonl(
+    key: str, path: Path, task: str | None = None, needed: Iterable[str] | None = None
+) -> None:
+    """A data mirror file: every line one JSON object with the fields of the first line, and
+    among them the fields ``needed`` by ``task``'s prompts."""
     fields: set[str] | None = None
     try:
         with path.open(encoding="utf-8") as f:
@@ -428,6 +431,9 @@ def check_jsonl(key: str, path: Path) -> None:
                                   "one object a line")  # fmt: skip
                 if fields is None:
                     fields = set(row)
+                    if lacking := sorted(set(needed or ()) - fields):
+                        value = f"{path} (rows lack {lacking}, which task {task} reads)"
+                        raise invalid(key, value, "rows with the fields of the task's prompts")
                 elif missing := fields - set(row):
                     raise invalid(key, f"{path} (line {number} lacks {sorted(missing)})",
                                   "rows with the task's fields")  # fmt: skip
