@@ -29,6 +29,7 @@ from lm_eval.models.huggingface import HFLM
 
 from layerprune.cache import JsonCache
 from layerprune.errors import LayerpruneError
+from layerprune.fastlm import SharedContextLM
 from layerprune.files import cache_root
 from layerprune.lm_eval_compat import (
     continuation_tokens,
@@ -78,6 +79,9 @@ class PerplexitySpec:
 SAMPLING = ("random", "first")
 
 
+BACKENDS = ("hf", "fast")  # the lm-eval model class that runs the loglikelihood requests
+
+
 @dataclass
 class EvalSuite:
     """A ``conf/eval`` preset: which lm-eval tasks, how, and the perplexity text."""
@@ -96,8 +100,11 @@ class EvalSuite:
     sampling: str = "random"  # which `limit` documents: a seeded random subset, or the first
     bootstrap_iters: int = ITERS  # resamples behind every confidence interval
     note: str | None = None  # the first line of the printed table (e.g. "smoke test")
+    backend: str = "hf"  # hf: lm-eval's HFLM; fast: each distinct context runs once (fastlm)
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise LayerpruneError(f"eval.backend: {self.backend}; allowed: {', '.join(BACKENDS)}")
         if not self.tasks:
             raise LayerpruneError("eval.tasks is empty; name at least one lm-eval task")
         if self.limit is not None and self.limit <= 0:
@@ -253,7 +260,8 @@ def evaluate(
     if documents is None:
         documents = chosen_documents(suite, source)
     model = loaded.model
-    hflm = HFLM(
+    backend = SharedContextLM if suite.backend == "fast" else HFLM
+    hflm = backend(
         pretrained=model,
         tokenizer=loaded.tokenizer,
         batch_size=suite.batch_size,

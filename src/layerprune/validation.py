@@ -232,6 +232,9 @@ def check_eval(cfg: Config) -> None:
         for task, metric in headline.items():
             if metric not in HEADLINE_METRICS:
                 raise invalid(f"eval.headline.{task}", metric, ", ".join(HEADLINE_METRICS))
+    backend = get(cfg, "eval.backend")
+    if backend not in (MISSING, "hf", "fast"):
+        raise invalid("eval.backend", backend, "hf, fast")
     integer(cfg, "eval.limit", 1, optional=True)
     integer(cfg, "eval.num_fewshot", 0)
     integer(cfg, "eval.batch_size", 1)
