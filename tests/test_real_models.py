@@ -61,19 +61,21 @@ def test_smollm2_dense_metrics_equal_lm_eval_run_directly(tmp_path: Path) -> Non
     """layerprune's in-memory evaluation against lm-eval loading the same weights itself."""
     import lm_eval
 
-    from layerprune.evaluation import EvalSuite, evaluate, prepare
+    from layerprune.evaluation import EvalSuite, chosen_documents, evaluate, prepare
 
     loaded = load("smollm2_135m", device="cpu")
     (folder,) = (cache_root() / "models").glob("smollm2_135m-*")
     suite = EvalSuite(tasks=["piqa", "arc_easy", "hellaswag"], limit=20, batch_size=8)
     mirror = compose_config([]).data.mirror
     source = prepare(suite, mirror, tmp_path)
-    ours = evaluate(loaded, suite, source)
+    documents = chosen_documents(suite, source)  # 20 seeded random documents per task
+    assert documents and all(len(ids) == 20 for ids in documents.values())
+    ours = evaluate(loaded, suite, source, documents)
     direct = lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(folder), "dtype": "float32", "device": "cpu"},
         tasks=list(suite.tasks),
-        limit=20,
+        samples=documents,
         batch_size=8,
         task_manager=source.manager,
         bootstrap_iters=0,
