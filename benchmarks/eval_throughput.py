@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=None, help="documents per task (seeded)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-size", type=int, default=16, help="HFLM's batch size")
+    parser.add_argument("--batch-tokens", type=int, default=1024, help="the fast backend's budget")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -65,7 +66,7 @@ def main() -> None:
     common = {"pretrained": loaded.model, "tokenizer": loaded.tokenizer, "device": str(device)}
     backends = {
         "hf": HFLM(**common, batch_size=args.batch_size),
-        "shared-context": SharedContextLM(**common),
+        "shared-context": SharedContextLM(**common, batch_tokens=args.batch_tokens),
     }
     # _encode_pair splits the encoding of context + continuation: its length is the request's
     tokens = sum(len(loaded.tokenizer(c + t, add_special_tokens=False).input_ids) for c, t in

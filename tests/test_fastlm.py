@@ -34,14 +34,16 @@ def requests(vocab: int, seed: int = 0) -> list[tuple[tuple[str, str], list[int]
     return out
 
 
+@pytest.mark.parametrize("batch_tokens", [2048, 24])  # every group in one batch; a few per batch
 @pytest.mark.parametrize("name", MODELS)
-def test_same_loglikelihoods_and_greedy_flags_as_hflm(name: str) -> None:
+def test_same_loglikelihoods_and_greedy_flags_as_hflm(name: str, batch_tokens: int) -> None:
     loaded = load(name)
     args = {"pretrained": loaded.model, "tokenizer": loaded.tokenizer, "max_length": 64,
             "device": "cpu", "batch_size": 4}  # fmt: skip
     reqs = requests(len(loaded.tokenizer))
     reference = HFLM(**args)._loglikelihood_tokens(reqs, disable_tqdm=True)
-    got = SharedContextLM(**args)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    fast = SharedContextLM(**args, batch_tokens=batch_tokens)
+    got = fast._loglikelihood_tokens(reqs, disable_tqdm=True)
     assert len(got) == len(reference) == len(reqs)
     for (ll, greedy), (ll_ref, greedy_ref) in zip(got, reference, strict=True):
         assert abs(ll - ll_ref) <= 1e-4
@@ -60,7 +62,8 @@ def test_a_greedy_continuation_is_flagged() -> None:
             greedy.append(nxt)
             ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
     other = [(greedy[0] + 1) % 200 + 3, *greedy[1:]]
-    (_, is_greedy), (_, not_greedy) = lm._score(context, [greedy, other])
+    reqs = [(("c", "x"), context, greedy), (("c", "x"), context, other)]
+    (_, is_greedy), (_, not_greedy) = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
     assert is_greedy and not not_greedy
 
 

@@ -101,6 +101,7 @@ class EvalSuite:
     bootstrap_iters: int = ITERS  # resamples behind every confidence interval
     note: str | None = None  # the first line of the printed table (e.g. "smoke test")
     backend: str = "hf"  # hf: lm-eval's HFLM; fast: each distinct context runs once (fastlm)
+    batch_tokens: int = 1024  # the fast backend's padded tokens per forward
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -117,6 +118,8 @@ class EvalSuite:
             raise LayerpruneError(f"eval.num_fewshot must be >= 0; got {self.num_fewshot}")
         if self.batch_size < 1:
             raise LayerpruneError(f"eval.batch_size must be >= 1; got {self.batch_size}")
+        if self.batch_tokens < 1:
+            raise LayerpruneError(f"eval.batch_tokens must be >= 1; got {self.batch_tokens}")
         if self.sampling not in SAMPLING:
             raise LayerpruneError(
                 f"eval.sampling must be one of {', '.join(SAMPLING)}; got '{self.sampling}'"
@@ -260,13 +263,17 @@ def evaluate(
     if documents is None:
         documents = chosen_documents(suite, source)
     model = loaded.model
-    backend = SharedContextLM if suite.backend == "fast" else HFLM
-    hflm = backend(
-        pretrained=model,
-        tokenizer=loaded.tokenizer,
-        batch_size=suite.batch_size,
-        max_length=suite.max_length,
-        device=str(next(model.parameters()).device),
+    common = {
+        "pretrained": model,
+        "tokenizer": loaded.tokenizer,
+        "batch_size": suite.batch_size,
+        "max_length": suite.max_length,
+        "device": str(next(model.parameters()).device),
+    }
+    hflm = (
+        SharedContextLM(**common, batch_tokens=suite.batch_tokens)
+        if suite.backend == "fast"
+        else HFLM(**common)
     )
     with quiet_git_hash():
         results = lm_eval.simple_evaluate(

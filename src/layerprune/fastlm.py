@@ -5,12 +5,17 @@ LM head and log-softmax at every position, context included. A multiple-choice q
 four options therefore runs its context four times. :class:`SharedContextLM` changes only
 ``_loglikelihood_tokens``, where that happens:
 
-* requests are grouped by context; a context runs once, keeping its KV cache, and the LM head
-  is applied only at its last position (which predicts each continuation's first token);
-* the group's continuations (all but their last token) then run together as one batch on top
-  of that cache, right-padded, and the LM head is applied only at their positions;
+* requests are grouped by context, and each group is packed into ONE row: the context, then
+  every continuation (all its tokens but the last) one after another. A block-causal mask lets
+  each continuation see the context and its own earlier tokens only, and each token keeps its
+  true position, so every continuation is computed exactly as if it ran alone after the context;
+* rows are batched by a token budget, longest first (so right padding wastes little), one
+  forward per batch, no KV cache;
+* the LM head and log-softmax run only at the positions whose next token is scored, in chunks,
+  so no (batch, length, vocab) tensor is ever built;
 * a request longer than the model's window, which ``HFLM`` truncates from the left, is left to
-  ``HFLM`` itself, so truncation stays exactly lm-eval's.
+  ``HFLM`` itself, so truncation stays exactly lm-eval's. Sliding-window layers get their own
+  mask, built from the true positions.
 
 Everything else (prompts, filters, metrics, ``loglikelihood_rolling``, ``generate_until``) is
 ``HFLM``'s. The per-request log-likelihoods equal ``HFLM``'s to float rounding (the tests hold
@@ -19,6 +24,8 @@ them to 1e-4 in fp32, with identical greedy flags).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,10 +34,38 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 Request = tuple[tuple[str, str], list[int], list[int]]
+HEAD_CHUNK = 256  # positions per LM-head call: bounds the (positions, vocab) logits in memory
+
+
+@dataclass
+class Group:
+    """One distinct context and the requests (by index) that continue it."""
+
+    context: list[int]
+    members: list[int]
+    continuations: list[list[int]]
+
+    @property
+    def length(self) -> int:
+        """Tokens in the packed row: the context, then each continuation but its last token."""
+        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
 
 
 class SharedContextLM(HFLM):
     """``HFLM`` whose log-likelihoods run each distinct context once (see the module)."""
+
+    def __init__(self, *args: Any, batch_tokens: int = 1024, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_tokens = batch_tokens  # padded tokens per forward
+        config = self.model.config.get_text_config()
+        window = getattr(config, "sliding_window", None)
+        # attention kinds, each with its mask: `layer_types` where the model declares them, else
+        # one kind for every layer (sliding where a window is set, as Mistral's)
+        kinds = set(getattr(config, "layer_types", None) or [])
+        if not kinds:
+            kinds = {"sliding_attention" if window else "full_attention"}
+        self.windows = {k: (int(window) if k == "sliding_attention" else None) for k in kinds}
+        self.softcap = getattr(config, "final_logit_softcapping", None)
 
     def _loglikelihood_tokens(
         self,
@@ -39,13 +74,15 @@ class SharedContextLM(HFLM):
         override_bs: int | None = None,
     ) -> list[tuple[float, bool]]:
         answers: list[tuple[float, bool] | None] = [None] * len(requests)
-        groups: dict[tuple[int, ...], list[int]] = {}
+        groups: dict[tuple[int, ...], Group] = {}
         too_long = []
         for i, (_, context, continuation) in enumerate(requests):
             if not context or len(context) + len(continuation) > self.max_length + 1:
                 too_long.append(i)
-            else:
-                groups.setdefault(tuple(context), []).append(i)
+                continue
+            group = groups.setdefault(tuple(context), Group(list(context), [], []))
+            group.members.append(i)
+            group.continuations.append(list(continuation))
         if too_long:
             left = [requests[i] for i in too_long]
             for i, answer in zip(too_long, super()._loglikelihood_tokens(left, True), strict=True):
@@ -55,59 +92,106 @@ class SharedContextLM(HFLM):
             disable=disable_tqdm or self.rank != 0,
             desc="Running loglikelihood requests",
         )
-        for shared, members in sorted(groups.items(), key=lambda item: -len(item[0])):
-            continuations = [requests[i][2] for i in members]
-            for i, answer in zip(members, self._score(list(shared), continuations), strict=True):
-                answers[i] = answer
-            bar.update(len(members))
+        for batch in self._batches(list(groups.values())):
+            for group, scored in zip(batch, self._score_batch(batch), strict=True):
+                for i, answer in zip(group.members, scored, strict=True):
+                    answers[i] = answer
+                bar.update(len(group.members))
         bar.close()
         assert all(a is not None for a in answers)
         return answers  # type: ignore[return-value]
 
-    def _forward(self, **kwargs: Any) -> Any:
-        with torch.autocast(
+    def _batches(self, groups: list[Group]) -> Iterator[list[Group]]:
+        """Packed rows, longest first, batched while rows x longest fits the token budget."""
+        batch: list[Group] = []
+        for group in sorted(groups, key=lambda g: -g.length):
+            if batch and (len(batch) + 1) * batch[0].length > self.batch_tokens:
+                yield batch
+                batch = []
+            batch.append(group)
+        if batch:
+            yield batch
+
+    def _mask(self, segment: torch.Tensor, position: torch.Tensor, window: int | None) -> Any:
+        """Additive (batch, 1, P, P) mask: a token sees earlier tokens of its own segment and of
+        the context (segment 0), within ``window`` positions; padding (segment -1) sees only
+        padding, so no row is empty."""
+        seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+        pos_q, pos_k = position[:, :, None], position[:, None, :]
+        allowed = (pos_k <= pos_q) & ((seg_k == 0) | (seg_k == seg_q))
+        if window is not None:
+            allowed &= pos_q - pos_k < window
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        return mask[:, None].to(self.device)
+
+    def _head(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Log-probability of each target, and whether it is the argmax, from final states.
+
+        The LM head runs in chunks of positions, so memory holds at most HEAD_CHUNK x vocab.
+        """
+        head = self.model.get_output_embeddings()
+        logps, greedy = [], []
+        for start in range(0, len(hidden), HEAD_CHUNK):
+            with self._autocast():
+                logits = head(hidden[start : start + HEAD_CHUNK])
+            if self.softcap is not None:  # Gemma-2-style final logit soft-capping
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+            target = targets[start : start + HEAD_CHUNK]
+            logps.append(logp.gather(1, target[:, None])[:, 0])
+            greedy.append(logp.argmax(-1) == target)
+        return torch.cat(logps), torch.cat(greedy)
+
+    def _autocast(self) -> Any:
+        return torch.autocast(
             device_type=self.device.type,
             dtype=self.mixed_precision_dtype,
             enabled=self.mixed_precision_dtype is not None,
-        ):
-            return self.model(**kwargs)
+        )
 
     @torch.no_grad()
-    def _score(
-        self, context: list[int], continuations: list[list[int]]
-    ) -> list[tuple[float, bool]]:
-        """Log-likelihood and greedy flag of each continuation after ``context``."""
-        out = self._forward(
-            input_ids=torch.tensor([context], device=self.device), use_cache=True, logits_to_keep=1
-        )
-        first = F.log_softmax(out.logits[0, -1], dim=-1, dtype=self.softmax_dtype)  # (V,)
-        longest = max(len(c) for c in continuations)
-        rest = None
-        if longest > 1:  # the continuations' own tokens, all but the last, on the shared cache
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(len(continuations))
-            width = longest - 1
-            body = torch.tensor(
-                [c[:-1] + [c[0]] * (width - len(c) + 1) for c in continuations], device=self.device
-            )
-            mask = torch.zeros(len(continuations), len(context) + width, dtype=torch.long)
-            mask[:, : len(context)] = 1
-            for row, c in enumerate(continuations):
-                mask[row, len(context) : len(context) + len(c) - 1] = 1
-            logits = self._forward(
-                input_ids=body,
-                attention_mask=mask.to(self.device),
-                past_key_values=cache,
-                use_cache=True,
-            ).logits
-            rest = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)  # (k, width, V)
-        answers = []
-        for row, c in enumerate(continuations):
-            steps = [first] + (
-                [rest[row, t] for t in range(len(c) - 1)] if rest is not None else []
-            )
-            logp = torch.stack(steps[: len(c)])  # (len(c), V): row t predicts c[t]
-            target = torch.tensor(c, device=logp.device)
-            ll = float(logp.gather(1, target[:, None]).sum())
-            answers.append((ll, bool((logp.argmax(-1) == target).all())))
-        return answers
+    def _score_batch(self, batch: list[Group]) -> list[list[tuple[float, bool]]]:
+        """Log-likelihood and greedy flag of every continuation of every group in ``batch``."""
+        width = batch[0].length
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        segment = torch.full((len(batch), width), -1, dtype=torch.long)
+        position = torch.zeros(len(batch), width, dtype=torch.long)
+        scored: list[tuple[int, int, int]] = []  # (row, index predicting it, target token)
+        owners: list[int] = []  # which continuation (numbered over the batch) each one is
+        conts = 0
+        for row, g in enumerate(batch):
+            n = len(g.context)
+            ids[row, :n] = torch.tensor(g.context)
+            segment[row, :n] = 0
+            position[row, :n] = torch.arange(n)
+            start = n
+            for c in g.continuations:
+                k = len(c) - 1
+                ids[row, start : start + k] = torch.tensor(c[:-1], dtype=torch.long)
+                segment[row, start : start + k] = conts + 1  # its own segment
+                position[row, start : start + k] = n + torch.arange(k)
+                index = [n - 1, *range(start, start + k)]  # where each of its tokens is predicted
+                scored += [(row, i, t) for i, t in zip(index, c, strict=True)]
+                owners += [conts] * len(c)
+                conts += 1
+                start += k
+        masks = {kind: self._mask(segment, position, w) for kind, w in self.windows.items()}
+        with self._autocast():
+            states = self.model.get_decoder()(
+                input_ids=ids.to(self.device),
+                attention_mask=masks if len(masks) > 1 else next(iter(masks.values())),
+                position_ids=position.to(self.device),
+                use_cache=False,
+            ).last_hidden_state
+        rows, index, targets = (torch.tensor(x) for x in zip(*scored, strict=True))
+        logp, greedy = self._head(states[rows, index], targets.to(self.device))
+        which = torch.tensor(owners)
+        ll = torch.zeros(conts, dtype=torch.float64).index_add_(0, which, logp.double().cpu())
+        misses = torch.zeros(conts, dtype=torch.long).index_add_(0, which, (~greedy).long().cpu())
+        flat = [(float(a), not bool(m)) for a, m in zip(ll, misses, strict=True)]
+        out, first = [], 0
+        for g in batch:
+            out.append(flat[first : first + len(g.continuations)])
+            first += len(g.continuations)
+        return out

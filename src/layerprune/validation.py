@@ -238,6 +238,8 @@ def check_eval(cfg: Config) -> None:
     integer(cfg, "eval.limit", 1, optional=True)
     integer(cfg, "eval.num_fewshot", 0)
     integer(cfg, "eval.batch_size", 1)
+    if has(cfg, "eval.batch_tokens"):
+        integer(cfg, "eval.batch_tokens", 1)
     if has(cfg, "eval.max_length"):
         integer(cfg, "eval.max_length", 2, optional=True)
     texts = get(cfg, "eval.perplexity")
