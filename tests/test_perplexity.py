@@ -142,3 +142,22 @@ def test_windows_are_kept_for_the_interval() -> None:
 def test_interval_by_hand() -> None:
     # two windows of equal NLL per token: every resample gives exp(2), so does the interval
     assert perplexity_ci([4.0, 6.0], [2, 3]) == pytest.approx((math.exp(2), math.exp(2)))
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_token_logprobs_equal_the_full_forwards_log_softmax(softcap: float | None) -> None:
+    """The chunked head at chosen positions gives what the model's own logits give."""
+    from layerprune.lmhead import CHUNK, final_states, token_logprobs
+
+    loaded = load("tiny_gemma3")
+    loaded.model.config.final_logit_softcapping = softcap
+    ids = torch.randint(3, 200, (3, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = torch.log_softmax(loaded.model(input_ids=ids).logits[:, :-1], dim=-1)
+        states = final_states(loaded.model, ids)[:, :-1].reshape(-1, 64)
+        targets = ids[:, 1:].reshape(-1)
+        assert len(targets) > CHUNK  # several chunks
+        logp, greedy = token_logprobs(loaded.model, states, targets)
+    ref = reference.reshape(len(targets), -1)
+    torch.testing.assert_close(logp, ref.gather(1, targets[:, None])[:, 0], rtol=0, atol=1e-5)
+    assert torch.equal(greedy, ref.argmax(-1) == targets)

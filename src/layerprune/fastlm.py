@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from layerprune.lmhead import final_states, token_logprobs
+
 Request = tuple[tuple[str, str], list[int], list[int]]
-HEAD_CHUNK = 256  # positions per LM-head call: bounds the (positions, vocab) logits in memory
 
 
 @dataclass
@@ -58,14 +58,13 @@ class SharedContextLM(HFLM):
         super().__init__(*args, **kwargs)
         self.batch_tokens = batch_tokens  # padded tokens per forward
         config = self.model.config.get_text_config()
-        window = getattr(config, "sliding_window", None)
+        window: int | None = getattr(config, "sliding_window", None)
         # attention kinds, each with its mask: `layer_types` where the model declares them, else
         # one kind for every layer (sliding where a window is set, as Mistral's)
         kinds = set(getattr(config, "layer_types", None) or [])
         if not kinds:
             kinds = {"sliding_attention" if window else "full_attention"}
-        self.windows = {k: (int(window) if k == "sliding_attention" else None) for k in kinds}
-        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.windows = {k: (window if k == "sliding_attention" else None) for k in kinds}
 
     def _loglikelihood_tokens(
         self,
@@ -113,35 +112,19 @@ class SharedContextLM(HFLM):
             yield batch
 
     def _mask(self, segment: torch.Tensor, position: torch.Tensor, window: int | None) -> Any:
-        """Additive (batch, 1, P, P) mask: a token sees earlier tokens of its own segment and of
-        the context (segment 0), within ``window`` positions; padding (segment -1) sees only
-        padding, so no row is empty."""
+        """The (batch, 1, P, P) attention mask: a token sees earlier tokens of its own segment
+        and of the context (segment 0), within ``window`` positions; padding (segment -1) sees
+        only padding, so no row is empty."""
         seg_q, seg_k = segment[:, :, None], segment[:, None, :]
         pos_q, pos_k = position[:, :, None], position[:, None, :]
         allowed = (pos_k <= pos_q) & ((seg_k == 0) | (seg_k == seg_q))
         if window is not None:
             allowed &= pos_q - pos_k < window
-        dtype = self.model.dtype
+        if self.model.config._attn_implementation == "sdpa":  # boolean, as transformers builds
+            return allowed[:, None].to(self.device)
+        dtype = self.model.dtype  # additive, for eager attention
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
         return mask[:, None].to(self.device)
-
-    def _head(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Log-probability of each target, and whether it is the argmax, from final states.
-
-        The LM head runs in chunks of positions, so memory holds at most HEAD_CHUNK x vocab.
-        """
-        head = self.model.get_output_embeddings()
-        logps, greedy = [], []
-        for start in range(0, len(hidden), HEAD_CHUNK):
-            with self._autocast():
-                logits = head(hidden[start : start + HEAD_CHUNK])
-            if self.softcap is not None:  # Gemma-2-style final logit soft-capping
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
-            target = targets[start : start + HEAD_CHUNK]
-            logps.append(logp.gather(1, target[:, None])[:, 0])
-            greedy.append(logp.argmax(-1) == target)
-        return torch.cat(logps), torch.cat(greedy)
 
     def _autocast(self) -> Any:
         return torch.autocast(
@@ -171,21 +154,24 @@ class SharedContextLM(HFLM):
                 ids[row, start : start + k] = torch.tensor(c[:-1], dtype=torch.long)
                 segment[row, start : start + k] = conts + 1  # its own segment
                 position[row, start : start + k] = n + torch.arange(k)
-                index = [n - 1, *range(start, start + k)]  # where each of its tokens is predicted
-                scored += [(row, i, t) for i, t in zip(index, c, strict=True)]
+                predicted_at = [n - 1, *range(start, start + k)]  # one index per token of c
+                scored += [(row, i, t) for i, t in zip(predicted_at, c, strict=True)]
                 owners += [conts] * len(c)
                 conts += 1
                 start += k
         masks = {kind: self._mask(segment, position, w) for kind, w in self.windows.items()}
         with self._autocast():
-            states = self.model.get_decoder()(
-                input_ids=ids.to(self.device),
+            states = final_states(
+                self.model,
+                ids.to(self.device),
                 attention_mask=masks if len(masks) > 1 else next(iter(masks.values())),
                 position_ids=position.to(self.device),
-                use_cache=False,
-            ).last_hidden_state
+            )
         rows, index, targets = (torch.tensor(x) for x in zip(*scored, strict=True))
-        logp, greedy = self._head(states[rows, index], targets.to(self.device))
+        with self._autocast():
+            logp, greedy = token_logprobs(
+                self.model, states[rows, index], targets.to(self.device), self.softmax_dtype
+            )
         which = torch.tensor(owners)
         ll = torch.zeros(conts, dtype=torch.float64).index_add_(0, which, logp.double().cpu())
         misses = torch.zeros(conts, dtype=torch.long).index_add_(0, which, (~greedy).long().cpu())

@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from layerprune.calibration import split_documents, token_stream
 from layerprune.errors import LayerpruneError
+from layerprune.lmhead import final_states, token_logprobs
 from layerprune.stats import ITERS, percentile_ci, resample_means
 
 
@@ -58,12 +59,12 @@ def _windows(n: int, body: int, stride: int | None, bos: bool) -> Iterator[tuple
 
 @torch.no_grad()
 def _nll(model: PreTrainedModel, ids: torch.Tensor, first: int) -> list[float]:
-    """Per row, the sum of -log p(ids[:, t] | ids[:, :t]) for t >= ``first``."""
-    keep = ids.shape[1] - first + 1
-    logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[:, :-1]
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    target = ids[:, first:].unsqueeze(-1)
-    return (-logp.gather(-1, target).double().sum(dim=(1, 2))).tolist()
+    """Per row, the sum of -log p(ids[:, t] | ids[:, :t]) for t >= ``first``; the LM head runs
+    only at the scored positions, in chunks (:mod:`layerprune.lmhead`)."""
+    states = final_states(model, ids)[:, first - 1 : -1]  # position t - 1 predicts token t
+    rows, length = states.shape[:2]
+    logp, _ = token_logprobs(model, states.reshape(rows * length, -1), ids[:, first:].reshape(-1))
+    return (-logp.double().reshape(rows, length).sum(dim=1)).tolist()
 
 
 def perplexity(
