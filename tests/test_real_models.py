@@ -84,3 +84,30 @@ def test_smollm2_dense_metrics_equal_lm_eval_run_directly(tmp_path: Path) -> Non
     for task in suite.tasks:
         for metric in ("acc", "acc_norm"):
             assert ours.metrics[task][metric] == direct["results"][task][f"{metric},none"]
+
+
+@pytest.mark.parametrize("name", ["smollm2_135m", "gemma3_270m", "qwen2_5_coder_0_5b"])
+def test_fast_backend_equals_hflm_on_real_weights(name: str) -> None:
+    """Per request, the fast backend's log-likelihood and greedy flag against HFLM's, on
+    contexts of 30 to 700 tokens of real text (past Gemma-3's 512-token sliding window) with
+    1- to 12-token continuations, several per context."""
+    from lm_eval.models.huggingface import HFLM
+
+    from layerprune.fastlm import SharedContextLM
+
+    loaded = load(name, device="cpu")
+    mirror = Path(compose_config([]).data.mirror)
+    stream = loaded.tokenizer((mirror / "text" / "wiki.txt").read_text()[:20000]).input_ids
+    requests, at = [], 0
+    for n_ctx, options in [(30, [1, 1, 1, 1]), (120, [3, 12, 5]), (700, [4, 9]), (260, [1])]:
+        context = stream[at : at + n_ctx]
+        at += n_ctx
+        for n in options:
+            requests.append((("", ""), context, stream[at : at + n]))
+            at += 7
+    args = {"pretrained": loaded.model, "tokenizer": loaded.tokenizer, "device": "cpu"}
+    reference = HFLM(**args, batch_size=4)._loglikelihood_tokens(requests, disable_tqdm=True)
+    got = SharedContextLM(**args, batch_tokens=1024)._loglikelihood_tokens(requests, True)
+    for (ll, greedy), (ll_ref, greedy_ref) in zip(got, reference, strict=True):
+        assert abs(ll - ll_ref) <= 1e-4
+        assert greedy == greedy_ref
