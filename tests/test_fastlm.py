@@ -87,3 +87,21 @@ def test_the_fast_backend_gives_the_same_evaluation(name: str, tmp_path) -> None
             )  # fmt: skip
             # byte-level continuations of hundreds of tokens: fp32 sums agree to 1e-7 relative
             assert ours.loglikelihoods == pytest.approx(theirs.loglikelihoods, rel=1e-6, abs=1e-4)
+
+
+def test_rows_are_batched_within_the_token_budget() -> None:
+    """Every group is scored once; a batch of several rows pads to at most the budget."""
+    from layerprune.fastlm import Group
+
+    loaded = load("tiny_llama")
+    lm = SharedContextLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, device="cpu",
+                         batch_tokens=40)  # fmt: skip
+    groups = [Group([1] * n, [i], [[2] * k]) for i, (n, k) in
+              enumerate([(5, 1), (30, 4), (12, 2), (8, 8), (50, 1), (3, 1)])]  # fmt: skip
+    batches = list(lm._batches(groups))
+    assert sorted(g.members[0] for b in batches for g in b) == list(range(len(groups)))
+    lengths = [g.length for b in batches for g in b]
+    assert lengths == sorted(lengths, reverse=True)  # longest first: little padding
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * batch[0].length <= 40
+    assert [len(b) for b in batches] == [1, 1, 2, 2]  # 50 | 33 | 15, 13 | 5, 3
