@@ -459,13 +459,17 @@ def pm(value: float | None, ci: dict[str, float] | None, mark: bool = False) -> 
 
 def table(comparison: dict[str, Any]) -> str:
     """The printed summary: per task value ± half-width of its 95% interval, agreement,
-    stability, flips (right->wrong / wrong->right) and McNemar's p; † marks a value at or below
-    the majority-class or chance accuracy of the task's documents."""
+    stability and its effective sample size, flips (right->wrong / wrong->right) and McNemar's
+    p; † marks a value at or below the majority-class or chance accuracy of the task's
+    documents."""
     lines = [f"{'task':<16}{'metric':<10}{'dense':>14}{'pruned':>14}{'delta':>15}"
-             f"{'agree':>7}{'stab':>7}{'flips':>10}{'p':>7}"]  # fmt: skip
+             f"{'agree':>7}{'stab':>7}{'ess':>6}{'flips':>10}{'p':>7}"]  # fmt: skip
 
     def num(v: float | None, width: int = 7) -> str:
         return f"{v:{width}.3f}" if v is not None else f"{'-':>{width}}"
+
+    def ess(v: float | None) -> str:
+        return f"{v:6.0f}" if v is not None else f"{'-':>6}"
 
     for r in comparison["tasks"]:
         flips = (f"{r['right_to_wrong']}/{r['wrong_to_right']}"
@@ -475,13 +479,14 @@ def table(comparison: dict[str, Any]) -> str:
             f"{pm(r['dense'], r.get('dense_ci'), at_chance(r, 'dense')):>14}"
             f"{pm(r['pruned'], r.get('pruned_ci'), at_chance(r, 'pruned')):>14}"
             f"{pm(r['delta'], r.get('delta_ci')):>15}{num(r.get('agreement'))}"
-            f"{num(r.get('stability'))}{flips:>10}{num(r.get('mcnemar_p'))}"
+            f"{num(r.get('stability'))}{ess(r.get('stability_ess'))}{flips:>10}"
+            f"{num(r.get('mcnemar_p'))}"
         )
     avg, stab = comparison["average"], comparison["stability"] or {}
     lines.append(
         f"{'average':<26}{pm(avg['dense'], avg.get('dense_ci')):>14}"
         f"{pm(avg['pruned'], avg.get('pruned_ci')):>14}{pm(avg['delta'], avg.get('delta_ci')):>15}"
-        f"{num(stab.get('agreement'))}{num(stab.get('stability'))}"
+        f"{num(stab.get('agreement'))}{num(stab.get('stability'))}{ess(stab.get('stability_ess'))}"
     )
     for name, ppl in comparison["perplexity"].items():
         d, p = ppl["dense"], ppl["pruned"]
