@@ -95,7 +95,12 @@ def test_fast_backend_equals_hflm_on_real_weights(name: str) -> None:
 
     from layerprune.fastlm import SharedContextLM
 
-    loaded = load(name, device="cpu")
+    try:
+        loaded = load(name, device="cpu")
+    except Exception as err:  # requirements-models.txt installs SmolLM2 and Gemma-3 only
+        if "which is not installed" in str(err):
+            pytest.skip(f"{name}'s model package is not installed")
+        raise
     mirror = Path(compose_config([]).data.mirror)
     stream = loaded.tokenizer((mirror / "text" / "wiki.txt").read_text()[:20000]).input_ids
     requests, at = [], 0
