@@ -1,7 +1,8 @@
 """Is the seeded document sample unbiased? Full-set accuracy against the sampled interval.
 
     python experiments/sampling_check.py --model smollm2_135m --suite standard \
-        --tasks piqa arc_easy boolq winogrande --out results/smollm2_135m/standard/sampling_check.json
+        --tasks piqa arc_easy boolq winogrande \
+        --out results/smollm2_135m/standard/sampling_check.json
 
 The dense model is evaluated once on the full sets of ``--tasks`` (lm-eval, the suite's backend
 unless ``--backend``). The suite's estimate of each task is read from the same per-document
@@ -58,8 +59,9 @@ def main() -> None:
             "metric": metric, "full_n": len(right), "full": value, "sample_n": len(ids),
             "sample": k / len(ids), "ci95": [low, high], "inside": low <= value <= high,
         }  # fmt: skip
+        where = "inside" if rows[task]["inside"] else "OUTSIDE"
         print(f"{task:12s} full {value:.4f} (n={len(right)})  sample {k / len(ids):.4f} "
-              f"[{low:.4f}, {high:.4f}] (n={len(ids)})  {'inside' if rows[task]['inside'] else 'OUTSIDE'}")  # fmt: skip
+              f"[{low:.4f}, {high:.4f}] (n={len(ids)})  {where}")  # fmt: skip
     print(f"full-set evaluation: {seconds:.0f} s ({full.backend} backend)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": args.model, "suite": args.suite, "seed": suite.seed,
