@@ -14,7 +14,8 @@ MODELS = ["tiny_llama", "tiny_qwen2", "tiny_gemma3", "tiny_mistral", "tiny_qwen3
 
 
 def requests(vocab: int, seed: int = 0) -> list[tuple[tuple[str, str], list[int], list[int]]]:
-    """Shared contexts with 1-token and multi-token options, lone contexts, one too long."""
+    """Shared contexts with 1-token and multi-token options, lone contexts, options that start
+    alike, two contexts equal up to a point (as Winogrande's), one too long."""
     gen = torch.Generator().manual_seed(seed)
 
     def toks(n: int) -> list[int]:
@@ -30,6 +31,10 @@ def requests(vocab: int, seed: int = 0) -> list[tuple[tuple[str, str], list[int]
     ]:
         context = toks(n_ctx)
         out += [(("c", "x"), context, toks(n)) for n in options]
+    context, start = toks(9), toks(3)
+    out += [(("c", "x"), context, start + toks(n)) for n in (2, 4, 0)]
+    context, rest = toks(20), toks(4)
+    out += [(("c", "x"), context, rest), (("c", "x"), context[:15] + toks(5), rest)]
     out.append((("c", "x"), toks(70), toks(5)))  # longer than max_length=64: HFLM truncates
     return out
 
@@ -90,18 +95,47 @@ def test_the_fast_backend_gives_the_same_evaluation(name: str, tmp_path) -> None
 
 
 def test_rows_are_batched_within_the_token_budget() -> None:
-    """Every group is scored once; a batch of several rows pads to at most the budget."""
-    from layerprune.fastlm import Group
+    """Every row is scored once; a batch of several rows pads to at most the budget."""
+    from layerprune.fastlm import Row
 
     loaded = load("tiny_llama")
     lm = SharedContextLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, device="cpu",
                          batch_tokens=40)  # fmt: skip
-    groups = [Group([1] * n, [i], [[2] * k]) for i, (n, k) in
-              enumerate([(5, 1), (30, 4), (12, 2), (8, 8), (50, 1), (3, 1)])]  # fmt: skip
-    batches = list(lm._batches(groups))
-    assert sorted(g.members[0] for b in batches for g in b) == list(range(len(groups)))
-    lengths = [g.length for b in batches for g in b]
+    rows = []
+    for i, (n, k) in enumerate([(5, 1), (30, 4), (12, 2), (8, 8), (50, 1), (3, 1)]):
+        rows.append(Row())
+        rows[-1].add(i, [1] * n, [2] * k)
+    batches = list(lm._batches(rows))
+    assert sorted(r.scored[0][0] for b in batches for r in b) == list(range(len(rows)))
+    lengths = [r.length for b in batches for r in b]
     assert lengths == sorted(lengths, reverse=True)  # longest first: little padding
     for batch in batches:
         assert len(batch) == 1 or len(batch) * batch[0].length <= 40
     assert [len(b) for b in batches] == [1, 1, 2, 2]  # 50 | 33 | 15, 13 | 5, 3
+
+
+def test_shared_tokens_run_once() -> None:
+    """A hand example: the rows hold each distinct prefix once, and only what shares enough."""
+    loaded = load("tiny_llama")
+    lm = SharedContextLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, device="cpu")
+    x = (("c", "x"),)
+    reqs = [
+        (*x, [5, 6, 7, 8], [9, 10]),  # paths 5 6 7 8 9 | 5 6 7 8 9 11 | 5 6 7 8 (12)
+        (*x, [5, 6, 7, 8], [9, 11, 4]),
+        (*x, [5, 6, 7, 8], [12]),
+        (*x, [5, 6, 7, 3], [9, 10]),  # shares 3 of 4 context tokens: same row, 2 more nodes
+        (*x, [5, 20, 21, 22], [9]),  # shares 1 of 4: a row of its own
+    ]
+    contexts: dict[tuple[int, ...], list[int]] = {}
+    for i, (_, context, _c) in enumerate(reqs):
+        contexts.setdefault(tuple(context), []).append(i)
+    rows = lm._rows(reqs, contexts)
+    assert sorted(r.length for r in rows) == [4, 8]
+    big = max(rows, key=lambda r: r.length)
+    assert big.tokens == [5, 6, 7, 3, 9, 8, 9, 11]  # contexts sorted: 5 6 7 3 comes first
+    assert big.parents == [-1, 0, 1, 2, 3, 2, 5, 6]
+    assert big.depths == [0, 1, 2, 3, 4, 3, 4, 5]
+    ancestry = big.ancestors()
+    assert ancestry[7].nonzero().flatten().tolist() == [0, 1, 2, 5, 6, 7]
+    scored = {i: nodes for i, nodes, _ in big.scored}
+    assert scored == {3: [3, 4], 0: [5, 6], 1: [5, 6, 7], 2: [5]}

@@ -1,14 +1,18 @@
-"""A faster lm-eval backend with the same answers: each distinct context runs once.
+"""A faster lm-eval backend with the same answers: each shared token runs once.
 
 lm-eval's ``HFLM`` runs every (context, continuation) pair as its own sequence, and computes the
 LM head and log-softmax at every position, context included. A multiple-choice question with
 four options therefore runs its context four times. :class:`SharedContextLM` changes only
 ``_loglikelihood_tokens``, where that happens:
 
-* requests are grouped by context, and each group is packed into ONE row: the context, then
-  every continuation (all its tokens but the last) one after another. A block-causal mask lets
-  each continuation see the context and its own earlier tokens only, and each token keeps its
-  true position, so every continuation is computed exactly as if it ran alone after the context;
+* requests are packed as token trees: each request is the path context + continuation (all its
+  tokens but the last) from a root, and a token shared by several paths (a context and its
+  options; options starting with the same words; Winogrande's two contexts, equal up to the
+  blank) is one node. A tree is one row; its mask lets each token see its ancestors only, and
+  each token keeps its true position (its depth), so every request is computed exactly as if it
+  ran alone;
+* requests with the same context always share a row; contexts that share at least half of their
+  tokens with the previous one (in sorted order) join its row while it stays within the budget;
 * rows are batched by a token budget, longest first (so right padding wastes little), one
   forward per batch, no KV cache;
 * the LM head and log-softmax run only at the positions whose next token is scored, in chunks,
@@ -25,9 +29,10 @@ them to 1e-4 in fp32, with identical greedy flags).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
@@ -38,17 +43,65 @@ Request = tuple[tuple[str, str], list[int], list[int]]
 
 
 @dataclass
-class Group:
-    """One distinct context and the requests (by index) that continue it."""
+class Row:
+    """Requests packed as one token tree (a forest: several roots are allowed).
 
-    context: list[int]
-    members: list[int]
-    continuations: list[list[int]]
+    Nodes are numbered in insertion order, so a parent always comes before its children."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)  # -1 for a root
+    depths: list[int] = field(default_factory=list)
+    # (request index, the node predicting each continuation token, the continuation)
+    scored: list[tuple[int, list[int], list[int]]] = field(default_factory=list)
+    _children: dict[tuple[int, int], int] = field(default_factory=dict)  # (parent, token) -> node
 
     @property
     def length(self) -> int:
-        """Tokens in the packed row: the context, then each continuation but its last token."""
-        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
+        return len(self.tokens)
+
+    def new_nodes(self, sequence: list[int]) -> int:
+        """How many nodes adding ``sequence`` as a path from a root would create."""
+        node = -1
+        for depth, token in enumerate(sequence):
+            found = self._children.get((node, token))
+            if found is None:
+                return len(sequence) - depth
+            node = found
+        return 0
+
+    def add(self, index: int, context: list[int], continuation: list[int]) -> None:
+        """Request ``index``: its path, and the nodes whose next token it scores."""
+        path, node = [], -1
+        for depth, token in enumerate(context + continuation[:-1]):
+            found = self._children.get((node, token))
+            if found is None:
+                found = len(self.tokens)
+                self._children[(node, token)] = found
+                self.tokens.append(token)
+                self.parents.append(node)
+                self.depths.append(depth)
+            path.append(found)
+            node = found
+        n = len(context)
+        self.scored.append((index, path[n - 1 : n - 1 + len(continuation)], continuation))
+
+    def ancestors(self) -> torch.Tensor:
+        """(length, length) boolean: entry [q, k] is whether node k is q or an ancestor of q."""
+        seen = np.zeros((self.length, self.length), dtype=bool)
+        for node, parent in enumerate(self.parents):
+            if parent >= 0:
+                seen[node] = seen[parent]
+            seen[node, node] = True
+        return torch.from_numpy(seen)
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class SharedContextLM(HFLM):
@@ -73,15 +126,13 @@ class SharedContextLM(HFLM):
         override_bs: int | None = None,
     ) -> list[tuple[float, bool]]:
         answers: list[tuple[float, bool] | None] = [None] * len(requests)
-        groups: dict[tuple[int, ...], Group] = {}
+        by_context: dict[tuple[int, ...], list[int]] = {}
         too_long = []
         for i, (_, context, continuation) in enumerate(requests):
             if not context or len(context) + len(continuation) > self.max_length + 1:
                 too_long.append(i)
                 continue
-            group = groups.setdefault(tuple(context), Group(list(context), [], []))
-            group.members.append(i)
-            group.continuations.append(list(continuation))
+            by_context.setdefault(tuple(context), []).append(i)
         if too_long:
             left = [requests[i] for i in too_long]
             for i, answer in zip(too_long, super()._loglikelihood_tokens(left, True), strict=True):
@@ -91,35 +142,54 @@ class SharedContextLM(HFLM):
             disable=disable_tqdm or self.rank != 0,
             desc="Running loglikelihood requests",
         )
-        for batch in self._batches(list(groups.values())):
-            for group, scored in zip(batch, self._score_batch(batch), strict=True):
-                for i, answer in zip(group.members, scored, strict=True):
-                    answers[i] = answer
-                bar.update(len(group.members))
+        for batch in self._batches(self._rows(requests, by_context)):
+            for index, answer in self._score_batch(batch):
+                answers[index] = answer
+            bar.update(sum(len(row.scored) for row in batch))
         bar.close()
         assert all(a is not None for a in answers)
         return answers  # type: ignore[return-value]
 
-    def _batches(self, groups: list[Group]) -> Iterator[list[Group]]:
-        """Packed rows, longest first, batched while rows x longest fits the token budget."""
-        batch: list[Group] = []
-        for group in sorted(groups, key=lambda g: -g.length):
+    def _rows(
+        self, requests: list[Request], by_context: dict[tuple[int, ...], list[int]]
+    ) -> list[Row]:
+        """Token trees: the requests of one context together; a context sharing at least half
+        of its tokens with the previous one (sorted) joins its row within the budget."""
+        rows: list[Row] = []
+        previous: list[int] = []
+        for context in sorted(by_context):
+            members = by_context[context]
+            paths = [list(context) + requests[i][2][:-1] for i in members]
+            row = rows[-1] if rows else None
+            if (
+                row is None
+                or 2 * _shared_prefix(previous, list(context)) < len(context)
+                or (row.length + sum(row.new_nodes(p) for p in paths) > self.batch_tokens)
+            ):
+                row = Row()
+                rows.append(row)
+            for i in members:
+                row.add(i, list(context), requests[i][2])
+            previous = list(context)
+        return rows
+
+    def _batches(self, rows: list[Row]) -> Iterator[list[Row]]:
+        """Rows, longest first, batched while rows x longest fits the token budget."""
+        batch: list[Row] = []
+        for row in sorted(rows, key=lambda r: -r.length):
             if batch and (len(batch) + 1) * batch[0].length > self.batch_tokens:
                 yield batch
                 batch = []
-            batch.append(group)
+            batch.append(row)
         if batch:
             yield batch
 
-    def _mask(self, segment: torch.Tensor, position: torch.Tensor, window: int | None) -> Any:
-        """The (batch, 1, P, P) attention mask: a token sees earlier tokens of its own segment
-        and of the context (segment 0), within ``window`` positions; padding (segment -1) sees
-        only padding, so no row is empty."""
-        seg_q, seg_k = segment[:, :, None], segment[:, None, :]
-        pos_q, pos_k = position[:, :, None], position[:, None, :]
-        allowed = (pos_k <= pos_q) & ((seg_k == 0) | (seg_k == seg_q))
+    def _mask(self, seen: torch.Tensor, position: torch.Tensor, window: int | None) -> Any:
+        """The (batch, 1, P, P) attention mask from the trees' ancestry ``seen``, within
+        ``window`` positions; a padding token sees itself, so no row of the mask is empty."""
+        allowed = seen.clone()
         if window is not None:
-            allowed &= pos_q - pos_k < window
+            allowed &= position[:, :, None] - position[:, None, :] < window
         if self.model.config._attn_implementation == "sdpa":  # boolean, as transformers builds
             return allowed[:, None].to(self.device)
         dtype = self.model.dtype  # additive, for eager attention
@@ -134,32 +204,29 @@ class SharedContextLM(HFLM):
         )
 
     @torch.no_grad()
-    def _score_batch(self, batch: list[Group]) -> list[list[tuple[float, bool]]]:
-        """Log-likelihood and greedy flag of every continuation of every group in ``batch``."""
+    def _score_batch(self, batch: list[Row]) -> list[tuple[int, tuple[float, bool]]]:
+        """(request index, (log-likelihood, greedy flag)) of every request in ``batch``."""
         width = batch[0].length
         ids = torch.zeros(len(batch), width, dtype=torch.long)
-        segment = torch.full((len(batch), width), -1, dtype=torch.long)
         position = torch.zeros(len(batch), width, dtype=torch.long)
-        scored: list[tuple[int, int, int]] = []  # (row, index predicting it, target token)
-        owners: list[int] = []  # which continuation (numbered over the batch) each one is
-        conts = 0
-        for row, g in enumerate(batch):
-            n = len(g.context)
-            ids[row, :n] = torch.tensor(g.context)
-            segment[row, :n] = 0
-            position[row, :n] = torch.arange(n)
-            start = n
-            for c in g.continuations:
-                k = len(c) - 1
-                ids[row, start : start + k] = torch.tensor(c[:-1], dtype=torch.long)
-                segment[row, start : start + k] = conts + 1  # its own segment
-                position[row, start : start + k] = n + torch.arange(k)
-                predicted_at = [n - 1, *range(start, start + k)]  # one index per token of c
-                scored += [(row, i, t) for i, t in zip(predicted_at, c, strict=True)]
-                owners += [conts] * len(c)
-                conts += 1
-                start += k
-        masks = {kind: self._mask(segment, position, w) for kind, w in self.windows.items()}
+        seen = torch.eye(width, dtype=torch.bool).repeat(len(batch), 1, 1)  # padding: itself
+        rows: list[int] = []  # per scored token: its row, the node predicting it, the target
+        index: list[int] = []
+        targets: list[int] = []
+        owners: list[int] = []  # which request of the batch (numbered as in `members`) it is
+        members: list[int] = []  # request indices
+        for r, row in enumerate(batch):
+            n = row.length
+            ids[r, :n] = torch.tensor(row.tokens)
+            position[r, :n] = torch.tensor(row.depths)
+            seen[r, :n, :n] = row.ancestors()
+            for request, nodes, continuation in row.scored:
+                rows += [r] * len(nodes)
+                index += nodes
+                targets += continuation
+                owners += [len(members)] * len(nodes)
+                members.append(request)
+        masks = {kind: self._mask(seen, position, w) for kind, w in self.windows.items()}
         with self._autocast():
             states = final_states(
                 self.model,
@@ -167,17 +234,19 @@ class SharedContextLM(HFLM):
                 attention_mask=masks if len(masks) > 1 else next(iter(masks.values())),
                 position_ids=position.to(self.device),
             )
-        rows, index, targets = (torch.tensor(x) for x in zip(*scored, strict=True))
         with self._autocast():
             logp, greedy = token_logprobs(
-                self.model, states[rows, index], targets.to(self.device), self.softmax_dtype
+                self.model,
+                states[torch.tensor(rows), torch.tensor(index)],
+                torch.tensor(targets).to(self.device),
+                self.softmax_dtype,
             )
         which = torch.tensor(owners)
-        ll = torch.zeros(conts, dtype=torch.float64).index_add_(0, which, logp.double().cpu())
-        misses = torch.zeros(conts, dtype=torch.long).index_add_(0, which, (~greedy).long().cpu())
-        flat = [(float(a), not bool(m)) for a, m in zip(ll, misses, strict=True)]
-        out, first = [], 0
-        for g in batch:
-            out.append(flat[first : first + len(g.continuations)])
-            first += len(g.continuations)
-        return out
+        ll = torch.zeros(len(members), dtype=torch.float64)
+        ll.index_add_(0, which, logp.double().cpu())
+        misses = torch.zeros(len(members), dtype=torch.long)
+        misses.index_add_(0, which, (~greedy).long().cpu())
+        return [
+            (request, (float(a), not bool(m)))
+            for request, a, m in zip(members, ll, misses, strict=True)
+        ]
