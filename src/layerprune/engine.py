@@ -22,7 +22,7 @@ embeddings) cannot be evaluated this way and is refused.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -224,6 +224,37 @@ class SkipEngine:
                 running = self._run(q, running)
         assert running is not None and not waiting
         return window_nll(self.stack, running, self._targets(len(candidates)))
+
+    @torch.no_grad()
+    def final_without(self, removed: Collection[int]) -> torch.Tensor:
+        """(n, seq_len, hidden) residual stream leaving the last layer when the current layers
+        at positions ``removed`` are left out: the run starts at the first of them."""
+        drop = sorted(set(removed))
+        if not drop:
+            return self.states[-1]
+        if drop[0] < 0 or drop[-1] >= len(self.kept) or len(drop) == len(self.kept):
+            raise LayerpruneError(f"cannot leave out {drop} of {len(self.kept)} layers")
+        hidden = self.states[drop[0]]
+        for q in range(drop[0] + 1, len(self.kept)):
+            if q not in drop:
+                hidden = self._run(q, hidden)
+        return hidden
+
+    @torch.no_grad()
+    def divergence(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per window, summed over its predicted tokens: KL(current model || the model whose
+        last layer leaves ``hidden``) of the next-token distributions, and that model's NLL."""
+        rows = max(1, HEAD_TOKENS // self.ids.shape[1])
+        kls, nlls = [], []
+        parts = zip(
+            self.states[-1].split(rows), hidden.split(rows), self.ids.split(rows), strict=True
+        )
+        for ref, h, x in parts:
+            p = torch.log_softmax(self.stack.logits(ref[:, :-1]).float(), dim=-1)
+            q = torch.log_softmax(self.stack.logits(h[:, :-1]).float(), dim=-1)
+            kls.append((p.exp() * (p - q)).sum(-1).double().sum(1))
+            nlls.append(-q.gather(-1, x[:, 1:].unsqueeze(-1)).double().sum(dim=(1, 2)))
+        return torch.cat(kls), torch.cat(nlls)
 
     @torch.no_grad()
     def remove(self, position: int) -> None:
