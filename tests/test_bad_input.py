@@ -76,6 +76,8 @@ EARLY = [
      "recovery: linear (LinearReplacement) with model_type gemma3_text; allowed: layer, swiglu"),
     ("experiment=sleb scorer.selection=contiguous", "scorer.selection: contiguous; allowed: "
      "independent (sleb measures the model without single layers"),
+    ("experiment=sleb recovery=layer", "recovery: replace (LayerReplacement) with scorer sleb; "
+     "allowed: a recovery without a block replacement (none, lora, lora_shortened)"),
     ("scorer=ppl scorer.keep_first=-1", "scorer.keep_first: -1; allowed: an integer >= 0"),
     ("scorer=sleb scorer.latter_barrier=x", "scorer.latter_barrier: x; allowed: an integer >= 0"),
     ("scorer=taylor scorer.batch_size=0", "scorer.batch_size: 0; allowed: an integer >= 1"),

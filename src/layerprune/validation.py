@@ -384,6 +384,12 @@ def check_job(recovery: Recovery, scorer: Scorer) -> None:
     """What the built objects decide: a block replacement needs a contiguous selection."""
     assert isinstance(recovery.steps, Mapping)
     for name, step in recovery.steps.items():
+        if step.contiguous and isinstance(scorer, ModelScorer):
+            raise invalid(
+                "recovery", f"{name} ({type(step).__name__}) with scorer {scorer.name}",
+                f"a recovery without a block replacement (none, lora, lora_shortened): "
+                f"{scorer.name} selects single layers, and step {name} needs a contiguous block",
+            )  # fmt: skip
         if step.contiguous and scorer.selection != "contiguous":
             raise invalid(
                 "scorer.selection", scorer.selection,
