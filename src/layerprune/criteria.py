@@ -151,7 +151,10 @@ def _bar(total: int, desc: str, show: bool) -> Any:
 
 
 class SLEB(ModelScorer):
-    """SLEB: greedy removal of the layer whose absence raises the calibration NLL least."""
+    """SLEB: greedy removal of the layer whose absence raises the calibration NLL least.
+
+    Its values are calibration perplexities without each layer: a removed layer's at the step
+    that removed it, a kept layer's at the last step, the barrier layers' unmeasured (None)."""
 
     name = "sleb"
     iterative = True
