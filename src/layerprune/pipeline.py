@@ -176,9 +176,8 @@ def criterion_scores(
 def removal_count(loaded: LoadedModel, sparsity: Sparsity, layers_added: int) -> int:
     """How many layers the plan removes (a replacement's layers count against the target)."""
     model = loaded.model
-    return sparsity.num_layers_to_remove(layer_param_counts(model), param_count(model)) + (
-        layers_added
-    )
+    removed = sparsity.num_layers_to_remove(layer_param_counts(model), param_count(model))
+    return removed + layers_added
 
 
 def plan_for(
