@@ -10,9 +10,9 @@ layer is switched off (passes its input through) and the model runs whole. The e
 model once, keeps the residual states at the layer boundaries and, for a candidate, runs only
 the layers after it; after a removal it recomputes only the states after the removed layer.
 All three run ``--steps`` removals with SLEB's barriers (never the first or last remaining
-layer), alternating, ``--repeats`` times; their choices are checked equal, and the figures are
-medians. ``--shape`` builds a random-init model of a real architecture (times like the real
-weights).
+layer), alternating (each repeat starting with another loop), ``--repeats`` times; their
+choices are checked equal, and the figures are medians. ``--shape`` builds a random-init model
+of a real architecture (times like the real weights).
 """
 
 from __future__ import annotations
@@ -163,9 +163,11 @@ def main() -> None:
     times: dict[str, list[float]] = {label: [] for label in loops}
     peaks: dict[str, list[float]] = {label: [] for label in loops}
     choices = {}
-    for _ in range(args.repeats):
-        for label, fn in loops.items():
-            order, seconds, peak = measure(fn, device)
+    labels = list(loops)
+    for repeat in range(args.repeats):
+        # each repeat starts with another loop, so that a load drifting over time favours none
+        for label in labels[repeat % 3 :] + labels[: repeat % 3]:
+            order, seconds, peak = measure(loops[label], device)
             times[label].append(seconds)
             peaks[label].append(peak)
             choices[label] = order
