@@ -74,6 +74,13 @@ EARLY = [
     ("scorer=block_influence recovery=layer", "scorer.selection: independent; allowed: contiguous"),
     ("model=tiny_gemma3 scorer=streamline recovery=linear",
      "recovery: linear (LinearReplacement) with model_type gemma3_text; allowed: layer, swiglu"),
+    ("experiment=sleb scorer.selection=contiguous", "scorer.selection: contiguous; allowed: "
+     "independent (sleb measures the model without single layers"),
+    ("experiment=sleb recovery=layer", "recovery: replace (LayerReplacement) with scorer sleb; "
+     "allowed: a recovery without a block replacement (none, lora, lora_shortened)"),
+    ("scorer=ppl scorer.keep_first=-1", "scorer.keep_first: -1; allowed: an integer >= 0"),
+    ("scorer=sleb scorer.latter_barrier=x", "scorer.latter_barrier: x; allowed: an integer >= 0"),
+    ("scorer=taylor scorer.batch_size=0", "scorer.batch_size: 0; allowed: an integer >= 1"),
     pytest.param(
         "model.device=cuda", "model.device: cuda; allowed: auto or cpu: this machine has no GPU",
         marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is present"),
@@ -88,6 +95,12 @@ AFTER_LOAD = [
      "sparsity: 5.0; allowed: a target that keeps at least one of the 6 layers"),
     ("eval=quick eval.perplexity.seq_len=2048",
      "eval.perplexity.seq_len: 2048; allowed: <= 512 tokens"),
+    ("scorer=sleb sparsity_unit=layers sparsity=5", "sparsity: 5.0; allowed: a target that removes "
+     "at most 4 of the 6 layers of tiny_llama with scorer sleb (this one removes 5; it never "
+     "removes the first 1 or the last 1 remaining layer(s): scorer.early_barrier"),
+    ("scorer=taylor", "sparsity: 0.25; allowed: a target that removes at most 0 of the 6 layers "
+     "of tiny_llama with scorer taylor (this one removes 2; it keeps the first 4 and the last 2 "
+     "layers: scorer.keep_first, scorer.keep_last)"),
 ]  # fmt: skip
 
 
@@ -195,6 +208,10 @@ def test_cache_under_a_file_is_one_error_when_the_run_folder_is_unwritable(tmp_p
         ("sparsity=abc", "sparsity: abc; allowed"),
         ("eval=quick eval.tasks=[piqa,piqa,arc_easy]", "eval.tasks: ['piqa', 'piqa', 'arc_easy']"),
         ("calibration.path={tmp}/latin1.txt", "calibration.path: {tmp}/latin1.txt (not UTF-8"),
+        (
+            "experiment=ppl scorer.selection=contiguous",
+            "scorer.selection: contiguous; allowed: independent",
+        ),
     ],
 )
 def test_cli_prints_one_line_and_exits_2(override: str, message: str, inputs: Path) -> None:
@@ -248,3 +265,32 @@ def test_cli_runs_folder_under_a_file_is_one_line(tmp_path: Path) -> None:
         f"({tmp_path / 'file' / 'runs'}: Not a directory); allowed: a folder that can be created "
         "and written"
     ]
+
+
+def test_a_criterion_refuses_layers_fed_per_window_inputs_before_scoring() -> None:
+    """Layers that take an input computed from the tokens (as per-layer embeddings are) cannot
+    be run one by one from cached states: refused after loading, with the scorer named."""
+    from layerprune.criteria import SLEB, TaylorPlus
+    from layerprune.layers import decoder_stack
+    from layerprune.recovery import Recovery
+    from layerprune.selection import Sparsity
+    from layerprune.validation import check_model
+
+    from .conftest import load
+
+    loaded = load("tiny_llama")
+
+    def per_window(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        kwargs["position_ids"] = (1000 * args[0][..., 0]).long()  # differs between windows
+        return args, kwargs
+
+    decoder_stack(loaded.model).layers[2].register_forward_pre_hook(per_window, with_kwargs=True)
+    lengths = {"calibration.seq_len": 32}
+    with pytest.raises(LayerpruneError) as err:
+        check_model(loaded, Sparsity(1, "layers"), Recovery({}, None), lengths, SLEB())
+    assert str(err.value).startswith(
+        "scorer: sleb on tiny_llama (llama: the decoder layers take an input (kwargs.position_ids) "
+        "that differs between windows); allowed: a model whose decoder layers take"
+    ), str(err.value)
+    # Taylor+ runs the model whole: nothing to refuse
+    check_model(loaded, Sparsity(1, "layers"), Recovery({}, None), lengths, TaylorPlus(1, 1))

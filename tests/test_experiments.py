@@ -27,6 +27,9 @@ PRESETS = {
     "replaceme": ("streamline", "contiguous", [("LinearReplacement", None)]),
     "random": ("random", "independent", []),
     "last": ("last", "contiguous", []),
+    "sleb": ("sleb", "independent", []),
+    "ppl": ("ppl", "independent", [("LoraHealing", None)]),
+    "taylor": ("taylor", "independent", [("LoraHealing", None)]),
 }
 
 
@@ -53,6 +56,23 @@ def test_presets_data_and_sparsity() -> None:
     assert (streamline.sparsity, streamline.sparsity_unit) == (0.25, "param_ratio")
     cli = compose_config(["experiment=streamline_layer", "sparsity=3", "sparsity_unit=layers"])
     assert (cli.sparsity, cli.sparsity_unit) == (3, "layers")
+
+
+def test_loss_criteria_presets_follow_the_official_codes() -> None:
+    sleb = compose_config(["experiment=sleb"])
+    assert sleb.calibration.path.endswith("text/wikitext2_tokenized_valid.txt")
+    assert (sleb.calibration.n, sleb.calibration.seq_len) == (4, 2048)
+    assert (sleb.scorer.early_barrier, sleb.scorer.latter_barrier) == (1, 1)
+    for name in ("ppl", "taylor"):
+        cfg = compose_config([f"experiment={name}"])
+        assert (cfg.calibration.n, cfg.calibration.seq_len) == (10, 128)
+        assert (cfg.scorer.keep_first, cfg.scorer.keep_last) == (4, 2)
+        lora = cfg.recovery.steps.lora
+        assert (lora.rank, lora.alpha, lora.dropout, lora.lr) == (8, 16, 0.05, 1e-4)
+        assert cfg.recovery.train_data.seq_len == 256
+        # recovery=none on the command line drops the healing cleanly
+        assert not compose_config([f"experiment={name}", "recovery=none"]).recovery.steps
+    assert compose_config(["experiment=taylor"]).scorer.batch_size == 10
 
 
 @pytest.mark.parametrize(

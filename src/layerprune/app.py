@@ -160,9 +160,15 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """One job from a composed config; returns its metrics.json record. Every value the config
     decides is checked before any object is built or any model loaded."""
     with user_errors():
+        if cfg.get("search"):  # experiment=search: its settings first, the sparsity reads them
+            from layerprune.search_app import check_search_config, run_search
+
+            check_search_config(cfg)
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
         assert isinstance(plain, dict)
         check_config({str(k): v for k, v in plain.items()})
+        if plain.get("search"):
+            return run_search(cfg, out)
         return run_job(job_from_config(cfg), out)
 
 

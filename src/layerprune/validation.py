@@ -13,6 +13,7 @@ resolved config, ``???`` where a mandatory value is unset), so this module needs
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 
+from layerprune.criteria import ModelScorer
+from layerprune.engine import UnsupportedLayers, capture_calls
 from layerprune.errors import LayerpruneError
 from layerprune.layers import decoder_stack, layer_param_counts, param_count
 from layerprune.models import LoadedModel
@@ -319,6 +322,38 @@ def check_recovery(cfg: Config) -> None:
             )  # fmt: skip
 
 
+def target_class(cfg: Config, key: str) -> type | None:
+    """The class a ``_target_`` names, where it can be imported (else None: building fails
+    later with its own message)."""
+    target = get(cfg, f"{key}._target_")
+    if not isinstance(target, str) or "." not in target:
+        return None
+    module, _, name = target.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+    return found if isinstance(found, type) else None
+
+
+def check_model_scorer(cfg: Config) -> None:
+    """A scorer that measures the model: single layers only, and sensible settings."""
+    cls = target_class(cfg, "scorer")
+    if cls is None or not issubclass(cls, ModelScorer):
+        return
+    selection = get(cfg, "scorer.selection")
+    if selection is not MISSING and selection not in cls.selections:
+        raise invalid(
+            "scorer.selection", selection, f"{', '.join(cls.selections)} ({cls.name} measures "
+            "the model without single layers; block selection is not part of the method)",
+        )  # fmt: skip
+    for field in ("early_barrier", "latter_barrier", "keep_first", "keep_last"):
+        if has(cfg, f"scorer.{field}"):
+            integer(cfg, f"scorer.{field}", 0)
+    if has(cfg, "scorer.batch_size"):
+        integer(cfg, "scorer.batch_size", 1)
+
+
 def check_config(cfg: Config) -> None:
     """Everything the config alone decides; raises on the first bad value."""
     check_sparsity(cfg)
@@ -332,6 +367,7 @@ def check_config(cfg: Config) -> None:
     check_model_config(cfg)
     if get(cfg, "scorer.selection") is not MISSING:
         choice(cfg, "scorer.selection", SELECTIONS)
+    check_model_scorer(cfg)
     if get(cfg, "calibration") in (None, MISSING):
         raise invalid("calibration", None, "a calibration option (wiki, c4, file, ...)")
     windows(cfg, "calibration")
@@ -350,6 +386,12 @@ def check_job(recovery: Recovery, scorer: Scorer) -> None:
     """What the built objects decide: a block replacement needs a contiguous selection."""
     assert isinstance(recovery.steps, Mapping)
     for name, step in recovery.steps.items():
+        if step.contiguous and isinstance(scorer, ModelScorer):
+            raise invalid(
+                "recovery", f"{name} ({type(step).__name__}) with scorer {scorer.name}",
+                f"a recovery without a block replacement (none, lora, lora_shortened): "
+                f"{scorer.name} selects single layers, and step {name} needs a contiguous block",
+            )  # fmt: skip
         if step.contiguous and scorer.selection != "contiguous":
             raise invalid(
                 "scorer.selection", scorer.selection,
@@ -367,15 +409,46 @@ def context_length(config: Any) -> int | None:
     return None
 
 
+def check_model_scorer_fits(
+    loaded: LoadedModel, scorer: ModelScorer, sparsity: Sparsity, k: int
+) -> None:
+    """A model scorer on the loaded model: a budget its protected layers leave room for, and
+    (for the criteria that run layers one by one) layers that take nothing but the residual
+    stream and position-derived inputs, probed on two short rows."""
+    num = decoder_stack(loaded.model).num_layers
+    limit = scorer.max_removable(num)
+    if k > limit:
+        raise invalid(
+            "sparsity", sparsity.amount, f"a target that removes at most {limit} of the {num} "
+            f"layers of {loaded.name} with scorer {scorer.name} (this one removes {k}; "
+            f"{scorer.protection()})",
+        )  # fmt: skip
+    if not scorer.skips_layers:
+        return
+    device = next(loaded.model.parameters()).device
+    probe = torch.arange(3, 19, device=device).view(2, 8)  # two different rows of 8 tokens
+    try:
+        with torch.no_grad(), capture_calls(decoder_stack(loaded.model)):
+            loaded.model(input_ids=probe, use_cache=False)
+    except UnsupportedLayers as e:
+        raise invalid(
+            "scorer", f"{scorer.name} on {loaded.name} ({loaded.model.config.model_type}: {e})",
+            "a model whose decoder layers take the residual stream and position-derived inputs "
+            "only (Llama, Mistral, Qwen2/Qwen3, Gemma3, OPT), or scorer=taylor",
+        ) from None  # fmt: skip
+
+
 def check_model(
     loaded: LoadedModel,
     sparsity: Sparsity,
     recovery: Recovery,
     seq_lens: dict[str, int],
+    scorer: Scorer | None = None,
 ) -> None:
     """What needs the loaded model, checked before scoring: a config with layers and a model
-    type, every window within the context length, a sparsity that keeps a layer, and a
-    recovery the architecture supports. ``seq_lens`` maps config keys to window lengths."""
+    type, every window within the context length, a sparsity that keeps a layer, a recovery
+    the architecture supports, and a model scorer that can run on it with its budget.
+    ``seq_lens`` maps config keys to window lengths."""
     config = loaded.model.config
     name = loaded.name
     if not getattr(config, "model_type", None):
@@ -405,6 +478,8 @@ def check_model(
             f"of {name}: with {recovery.layers_added} replacement layer(s) it removes {k} of {num} "
             "layers; keep at least one",
         )  # fmt: skip
+    if isinstance(scorer, ModelScorer):
+        check_model_scorer_fits(loaded, scorer, sparsity, k)
     assert isinstance(recovery.steps, Mapping)
     for step_name, step in recovery.steps.items():
         if isinstance(step, LinearReplacement) and stack.post_mlp_norm(0) is not None:
