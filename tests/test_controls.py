@@ -64,7 +64,7 @@ def test_each_recovered_run_pairs_with_plain_removal_of_its_block(tmp_path: Path
     assert pairs["linear"] is None
     (missing,) = missing_controls(load_runs([tmp_path]))
     assert missing == ["experiment=streamline_layer", "model=tiny", "eval=quick", "recovery=none",
-                       "sparsity=2", "sparsity_unit=layers", "method=removal"]  # fmt: skip
+                       "sparsity=2", "sparsity_unit=layers", "++method=removal"]  # fmt: skip
 
 
 def test_the_report_writes_the_paired_recovery_table(tmp_path: Path) -> None:
@@ -101,4 +101,4 @@ def test_train_tokens_of_runs_recorded_before_the_count(tmp_path: Path) -> None:
     record = json.loads((folder / "metrics.json").read_text())
     record["recovery"] = [linear]
     assert train_tokens(record) == 4096
-    assert control_overrides(run)[-1] == "method=removal"
+    assert control_overrides(run)[-1] == "++method=removal"

@@ -92,7 +92,7 @@ def pair(runs: Iterable[Run]) -> list[tuple[Run, Run | None]]:
 def control_overrides(run: Run) -> list[str]:
     """The Hydra overrides of the plain removal of ``run``'s block: its own overrides (model,
     scorer, calibration, evaluation, preset) less the recovery and the amount, plus
-    ``recovery=none``, the block's size in layers and ``method=removal``. The contiguous
+    ``recovery=none``, the block's size in layers and ``++method=removal``. The contiguous
     scorer picks the block of a size from the same statistics, so it is the same block;
     :func:`pair` checks that it is."""
     path = Path(run["run_dir"]) / ".hydra" / "overrides.yaml"
@@ -101,7 +101,7 @@ def control_overrides(run: Run) -> list[str]:
     kept = [o for o in map(str, given) if not o.lstrip("+~").startswith(DROPPED)]
     size = len(_get(run, "plan.removed_layers"))
     return [*kept, "recovery=none", f"sparsity={size}", "sparsity_unit=layers",
-            f"method={CONTROL}"]  # fmt: skip
+            f"++method={CONTROL}"]  # fmt: skip
 
 
 def missing_controls(runs: Iterable[Run]) -> list[list[str]]:
