@@ -92,7 +92,8 @@ def test_linear_fold_on_more_architectures(name: str) -> None:
     m = grabbed[0].double().reshape(-1, dim)
     h_i = states[start].reshape(-1, dim)
     t = torch.linalg.lstsq(m, states[start + size].reshape(-1, dim) - (h_i - m)).solution
-    LinearReplacement(batch_size=3)(model, [2, 3], ids, heldout=ids[:1])  # fitted on every window
+    fold = LinearReplacement(batch_size=3, exclude_positions=[])  # every token of every window
+    fold(model, [2, 3], ids, heldout=ids[:1])
     folded = residual_states(name, model, ids)[start]
     torch.testing.assert_close(folded.reshape(-1, dim), m @ t + (h_i - m), atol=1e-4, rtol=1e-4)
 

@@ -84,7 +84,8 @@ EARLY = [
     ("scorer=streamline recovery=layer recovery.steps.replace.loss=l1",
      "recovery.steps.replace.loss: l1; allowed: mse, nmse, cosine, lm"),
     ("scorer=streamline recovery=layer recovery.steps.replace.exclude_positions=[-1]",
-     "recovery.steps.replace.exclude_positions: [-1]; allowed: a list of positions >= 0"),
+     "recovery.steps.replace.exclude_positions: [-1]; allowed: null (the loss's default) or a "
+     "list of positions >= 0"),
     ("scorer=streamline recovery=layer recovery.steps.replace.exclude_outliers=0.5",
      "recovery.steps.replace.exclude_outliers: 0.5; allowed: null or a factor > 1"),
     ("scorer=streamline recovery=layer_lm recovery.steps.replace.exclude_positions=[0]",

@@ -104,11 +104,12 @@ def test_linear_fit_is_least_squares_and_folds_exactly(mlp_bias: bool) -> None:
     start, size, windows = 2, 2, tokens(8)
     m, h_i, y = naive_mlp_fit(model, start, size, windows)
     expected = torch.linalg.lstsq(m, y).solution
-    got, n_tokens = LinearReplacement(batch_size=3).fit(model, start, size, windows)
+    every = LinearReplacement(batch_size=3, exclude_positions=[])  # the official fit: all tokens
+    got, n_tokens = every.fit(model, start, size, windows)
     assert n_tokens == windows.numel()
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
-    LinearReplacement(batch_size=3)(model, [2, 3], windows, heldout=tokens(2, seed=9))
+    every(model, [2, 3], windows, heldout=tokens(2, seed=9))
     assert model.config.num_hidden_layers == 4
     folded = model(input_ids=windows, output_hidden_states=True).hidden_states[start]
     by_hand = m @ expected + (h_i - m)
@@ -139,9 +140,9 @@ def test_training_reduces_heldout_mse(kind: str) -> None:
     assert (report.train_tokens, report.tokens_per_step) == (32 * 4 * 32, 4 * 32)
     assert report.block_size == 3 and report.layers_added == 1
     assert model.config.num_hidden_layers == decoder_stack(model).num_layers == 4
-    # nothing left out: the figures over the fitted tokens are those over all tokens
-    assert report.heldout_fitted_tokens == report.heldout_tokens == 8 * 32
-    assert report.heldout_mse_after_fitted == report.heldout_mse_after
+    # position 0 left out by default (mse): the fitted tokens are the rest
+    assert (report.heldout_tokens, report.heldout_fitted_tokens) == (8 * 32, 8 * 31)
+    assert report.settings["exclude_positions"] == [0]
     if kind == "ffn_residual":  # zero output projection: the untrained module is plain pruning
         assert report.heldout_mse_before == pytest.approx(report.heldout_mse_identity)
         assert report.params_added == 64 * 256 * 2 + 256 + 64 + 64
@@ -235,6 +236,7 @@ def test_bad_inputs_name_the_step() -> None:
         LayerReplacement(kind="layer", loss="l1", **FAST)
     with pytest.raises(LayerpruneError, match=r"loss lm with exclude_positions \[0\]"):
         LayerReplacement(loss="lm", exclude_positions=[0], **FAST)
+    assert LayerReplacement(loss="lm").positions_left_out == []  # the default: none
     with pytest.raises(LayerpruneError, match=r"ridge 0\.5 with loss cosine; allowed: ridge 0"):
         LinearReplacement(loss="cosine", ridge=0.5)
     with pytest.raises(

@@ -58,9 +58,11 @@ def test_token_filter_by_position_and_by_a_hand_computed_outlier() -> None:
     rule = TokenFilter(exclude_positions=[0, 7], exclude_outliers=10.0)
     expected = torch.tensor([[0, 1, 1, 0, 1], [0, 1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(rule.fitted(h_in, h_out), expected)
-    assert TokenFilter().fitted(h_in, h_out).all()
+    for loss in ("nmse", "cosine", "lm"):  # every token weighs alike: none left out by default
+        assert TokenFilter(loss=loss).fitted(h_in, h_out).all()
+    assert TokenFilter().positions_left_out == [0]  # mse: the sink at position 0
     assert torch.equal(TokenFilter(exclude_outliers=1.5).fitted(h_in, h_out)[1],
-                       torch.tensor([1, 0, 1, 1, 1], dtype=torch.bool))  # fmt: skip
+                       torch.tensor([0, 0, 1, 1, 1], dtype=torch.bool))  # fmt: skip
 
 
 def test_token_losses_count_only_the_kept_tokens() -> None:
@@ -113,7 +115,8 @@ def test_linear_outlier_rule_is_lstsq_on_the_rows_it_keeps() -> None:
     assert 0 < int((~keep).sum()) < keep.numel() // 2  # the rule leaves some tokens out
     m, y, _ = kept_rows(model, windows, keep)
     expected = np.linalg.lstsq(m, y, rcond=None)[0]
-    got, n_tokens = LinearReplacement(exclude_outliers=1.2).fit(model, START, SIZE, windows)
+    rule = LinearReplacement(exclude_positions=[], exclude_outliers=1.2)
+    got, n_tokens = rule.fit(model, START, SIZE, windows)
     assert n_tokens == int(keep.sum())
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-6, rtol=1e-6)
 
@@ -133,7 +136,7 @@ def test_ridge_pulls_toward_the_identity_which_is_plain_removal() -> None:
     gram, dim = m.T @ m, m.shape[1]
     pull = 0.3 * np.trace(gram) / dim * np.eye(dim)
     expected = np.linalg.solve(gram + pull, m.T @ y + pull)  # closed form of the ridge
-    got, _ = LinearReplacement(ridge=0.3).fit(model, START, SIZE, windows)
+    got, _ = LinearReplacement(ridge=0.3, exclude_positions=[]).fit(model, START, SIZE, windows)
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-6, rtol=1e-6)
     huge, _ = LinearReplacement(ridge=1e12).fit(model, START, SIZE, windows)
     np.testing.assert_allclose(huge.numpy(), np.eye(dim), atol=1e-8)

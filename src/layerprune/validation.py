@@ -315,16 +315,19 @@ def check_step(cfg: Config, key: str, step: Config) -> None:
 
 
 def check_token_filter(cfg: Config, key: str, step: Config) -> None:
-    positions = step.get("exclude_positions", [])
-    if not isinstance(positions, list) or not all(is_int(p) and p >= 0 for p in positions):
-        raise invalid(f"{key}.exclude_positions", positions, "a list of positions >= 0, e.g. [0]")
+    positions = step.get("exclude_positions")
+    if positions is not None and (
+        not isinstance(positions, list) or not all(is_int(p) and p >= 0 for p in positions)
+    ):
+        raise invalid(f"{key}.exclude_positions", positions, "null (the loss's default) or a "
+                      "list of positions >= 0, e.g. [0]")  # fmt: skip
     outliers = step.get("exclude_outliers")
     if outliers is not None:
         number(cfg, f"{key}.exclude_outliers", lambda x: x > 1, "null or a factor > 1")
     if step.get("loss") == "lm" and (positions or outliers is not None):
         value = f"lm with exclude_positions {positions} and exclude_outliers {shown(outliers)}"
         raise invalid(f"{key}.loss", value, "mse, nmse or cosine to leave tokens out, or lm with "
-                      "exclude_positions [] and exclude_outliers null")  # fmt: skip
+                      "exclude_positions null or [] and exclude_outliers null")  # fmt: skip
 
 
 def check_budget(cfg: Config, steps: dict[str, Any]) -> None:

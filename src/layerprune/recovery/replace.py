@@ -102,7 +102,7 @@ class LayerReplacement(Training, TokenFilter, CacheSettings):
             raise LayerpruneError(
                 f"recovery '{self.kind}': loss lm with exclude_positions "
                 f"{self.exclude_positions} and exclude_outliers {self.exclude_outliers}; "
-                "allowed: [] and null (the tokens to leave out apply to mse, nmse, cosine)"
+                "allowed: null or [] and null (the tokens to leave out apply to mse, nmse, cosine)"
             )
 
     @property
