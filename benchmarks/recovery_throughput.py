@@ -34,7 +34,7 @@ from layerprune.calibration import TextFile
 from layerprune.layers import decoder_stack
 from layerprune.models import LoadedModel
 from layerprune.recovery import LayerReplacement
-from layerprune.resources import measure
+from layerprune.resources import measure, peak_memory
 
 
 def load(model: str, device: str) -> LoadedModel:
@@ -75,6 +75,8 @@ def plain_prefix(loaded: LoadedModel, end: int, windows: torch.Tensor, batch_siz
 
 
 def child(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loaded = load(args.model, args.device)
     text = str(Path(args.mirror) / "text" / "wiki.txt")
     train = TextFile(n=args.windows, seq_len=args.seq_len, seed=0, path=text)
@@ -108,7 +110,9 @@ def child(args: argparse.Namespace) -> None:
 
     _, seconds, peak = measure(run, device)
     tokens = report["train_tokens"]
-    out = {"seconds": seconds, "peak_gib": peak, "device": str(device), "tokens": tokens,
+    whole = peak_memory()["cuda" if device.type == "cuda" else "cpu_rss"]
+    out = {"seconds": seconds, "peak_gib": peak, "whole_gib": whole, "device": str(device),
+           "tokens": tokens,
            "plain_wall": train_ids.numel() / plain.wall, "plain_cpu": train_ids.numel() / plain.cpu,
            "train_wall": tokens / report["wall"], "train_cpu": tokens / report["cpu"],
            "written_s": written.wall if args.cache else None}  # fmt: skip
@@ -126,6 +130,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=10, help="layers in the block")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own)")
     parser.add_argument("--mirror", default=None, help="the data mirror (default: as the app)")
     parser.add_argument("--cache", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -165,7 +170,9 @@ def main() -> None:
                 f"peak +{r['peak_gib']:.3f} GiB{written}"
             )
         growth = big["peak_gib"] - small["peak_gib"]
-        print(f"  {name:14s} peak 4N - N: {growth:+.3f} GiB")
+        print(f"  {name:14s} peak of the process {small['whole_gib']:.3f} GiB (N), "
+              f"{big['whole_gib']:.3f} GiB (4N): 4N - N {growth:+.3f} GiB, "
+              f"{growth / small['whole_gib']:+.1%}")  # fmt: skip
 
 
 if __name__ == "__main__":
