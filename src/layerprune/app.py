@@ -117,7 +117,7 @@ def job_from_config(cfg: DictConfig) -> Job:
     scorer = build(cfg.scorer)
     steps = build(cfg.recovery.steps) if cfg.recovery.get("steps") else {}
     train = cfg.recovery.get("train_data")  # read only when a step trains on it
-    recovery = Recovery(steps, build(train) if steps and train else None)
+    recovery = Recovery(steps, build(train) if steps and train else None, cfg.paths.cache)
     check_job(recovery, scorer)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)

@@ -37,7 +37,7 @@ from layerprune.validation import check_model
 log = logging.getLogger("layerprune")
 SCORES_VERSION = 1  # bump when the statistics' definition changes (invalidates the cache)
 CRITERIA_VERSION = 1  # bump when a model scorer's measurement changes (invalidates the cache)
-CACHES = ("models", "scores", "dense_eval", "tasks")
+CACHES = ("models", "scores", "dense_eval", "tasks", "activations")
 
 
 class Evaluator(Protocol):

@@ -29,6 +29,10 @@ from layerprune.errors import LayerpruneError
 from layerprune.layers import decoder_stack, layer_param_counts, param_count
 from layerprune.models import LoadedModel
 from layerprune.recovery import LinearReplacement, Recovery
+from layerprune.recovery.cache import DTYPES as CACHE_DTYPES
+from layerprune.recovery.modules import KINDS
+from layerprune.recovery.objective import TOKEN_LOSSES
+from layerprune.recovery.replace import LOSSES
 from layerprune.scoring import Scorer
 from layerprune.selection import UNITS, Sparsity
 
@@ -275,33 +279,97 @@ def min_train_windows(step: Config) -> int:
     return n
 
 
+def check_step(cfg: Config, key: str, step: Config) -> None:
+    """One recovery step's settings (``key`` = recovery.steps.<name>)."""
+    for field in ("batch_size", "epochs", "rank", "alpha", "token_batch"):
+        if field in step:
+            integer(cfg, f"{key}.{field}", 1)
+    for field in ("steps", "tokens", "batch_tokens"):
+        if step.get(field) is not None:
+            integer(cfg, f"{key}.{field}", 1)
+    for field in ("lr", "grad_clip"):
+        if field in step:
+            number(cfg, f"{key}.{field}", lambda x: x > 0, "a number > 0")
+    for field in ("weight_decay", "min_lr", "ridge"):
+        if field in step:
+            number(cfg, f"{key}.{field}", lambda x: x >= 0, "a number >= 0")
+    if "warmup_ratio" in step:
+        number(cfg, f"{key}.warmup_ratio", lambda x: 0 <= x <= 1, "a number in [0, 1]")
+    if "dropout" in step:
+        number(cfg, f"{key}.dropout", lambda x: 0 <= x < 1, "a number in [0, 1)")
+    if "heldout_fraction" in step:
+        number(cfg, f"{key}.heldout_fraction", lambda x: 0 < x < 1, "a number in (0, 1)")
+    betas = step.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1
+                                                                 for b in betas)):  # fmt: skip
+        raise invalid(f"{key}.betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.95]")
+    target = str(step["_target_"])
+    if target.endswith("LayerReplacement"):
+        choice(cfg, f"{key}.kind", KINDS)
+        choice(cfg, f"{key}.loss", LOSSES)
+    elif target.endswith("LinearReplacement"):
+        choice(cfg, f"{key}.loss", TOKEN_LOSSES)
+        if step.get("loss") == "cosine" and step.get("ridge"):
+            raise invalid(f"{key}.ridge", step["ridge"], "0 with loss cosine (the pull toward "
+                          "the identity applies to mse and nmse)")  # fmt: skip
+    check_token_filter(cfg, key, step)
+    if "activation_cache" in step:
+        flag(cfg, f"{key}.activation_cache")
+    if "cache_dtype" in step:
+        choice(cfg, f"{key}.cache_dtype", CACHE_DTYPES)
+
+
+def check_token_filter(cfg: Config, key: str, step: Config) -> None:
+    positions = step.get("exclude_positions")
+    if positions is not None and (
+        not isinstance(positions, list) or not all(is_int(p) and p >= 0 for p in positions)
+    ):
+        raise invalid(f"{key}.exclude_positions", positions, "null (the loss's default) or a "
+                      "list of positions >= 0, e.g. [0]")  # fmt: skip
+    outliers = step.get("exclude_outliers")
+    if outliers is not None:
+        number(cfg, f"{key}.exclude_outliers", lambda x: x > 1, "null or a factor > 1")
+    if step.get("loss") == "lm" and (positions or outliers is not None):
+        value = f"lm with exclude_positions {positions} and exclude_outliers {shown(outliers)}"
+        raise invalid(f"{key}.loss", value, "mse, nmse or cosine to leave tokens out, or lm with "
+                      "exclude_positions null or [] and exclude_outliers null")  # fmt: skip
+
+
+def check_budget(cfg: Config, steps: dict[str, Any]) -> None:
+    """The budget in tokens: whole optimiser steps of whole batches of windows."""
+    seq_len = get(cfg, "recovery.train_data.seq_len")
+    for name, step in steps.items():
+        tokens = step.get("batch_tokens")
+        micro = step.get("batch_size", 1) * seq_len
+        if tokens is not None and tokens % micro:
+            shared = get(cfg, "recovery.budget.batch_tokens") == tokens
+            key = (
+                "recovery.budget.batch_tokens" if shared else f"recovery.steps.{name}.batch_tokens"
+            )
+            raise invalid(
+                key, tokens, f"a multiple of batch_size x seq_len = {step.get('batch_size', 1)} "
+                f"x {seq_len} = {micro} tokens (recovery.steps.{name})",
+            )  # fmt: skip
+
+
 def check_recovery(cfg: Config) -> None:
     steps = get(cfg, "recovery.steps")
     if steps is MISSING or not steps:
         return  # no recovery: its train_data is never read
     if not isinstance(steps, dict):
         raise invalid("recovery.steps", steps, "a mapping {name: step}")
+    for field in ("tokens", "batch_tokens"):  # what the steps read, named where it is set
+        if has(cfg, f"recovery.budget.{field}"):
+            integer(cfg, f"recovery.budget.{field}", 1, optional=True)
+    if has(cfg, "recovery.activation_cache"):
+        flag(cfg, "recovery.activation_cache")
+    if has(cfg, "recovery.cache_dtype"):
+        choice(cfg, "recovery.cache_dtype", CACHE_DTYPES)
     for name, step in steps.items():
         key = f"recovery.steps.{name}"
         if not isinstance(step, dict) or "_target_" not in step:
             raise invalid(key, step, "a step from conf/recovery/step (layer, linear, lora, ...)")
-        for field in ("batch_size", "epochs", "rank", "alpha"):
-            if field in step:
-                integer(cfg, f"{key}.{field}", 1)
-        if step.get("steps") is not None:
-            integer(cfg, f"{key}.steps", 1)
-        for field in ("lr", "grad_clip"):
-            if field in step:
-                number(cfg, f"{key}.{field}", lambda x: x > 0, "a number > 0")
-        for field in ("weight_decay", "min_lr", "ridge"):
-            if field in step:
-                number(cfg, f"{key}.{field}", lambda x: x >= 0, "a number >= 0")
-        if "warmup_ratio" in step:
-            number(cfg, f"{key}.warmup_ratio", lambda x: 0 <= x <= 1, "a number in [0, 1]")
-        if "dropout" in step:
-            number(cfg, f"{key}.dropout", lambda x: 0 <= x < 1, "a number in [0, 1)")
-        if "heldout_fraction" in step:
-            number(cfg, f"{key}.heldout_fraction", lambda x: 0 < x < 1, "a number in (0, 1)")
+        check_step(cfg, key, step)
     if get(cfg, "recovery.train_data") in (None, MISSING):
         raise invalid("recovery.train_data", None, "a text file option (recovery/train_data)")
     windows(cfg, "recovery.train_data")
@@ -312,6 +380,7 @@ def check_recovery(cfg: Config) -> None:
             "recovery.train_data.n", n, f"an integer >= {need} (one training batch after the "
             "held-out windows)",
         )  # fmt: skip
+    check_budget(cfg, steps)
     model_type = get(cfg, "model.model_type")
     for name, step in steps.items():
         if str(step["_target_"]).endswith("LinearReplacement") and model_type in NORMED_MLP_TYPES:

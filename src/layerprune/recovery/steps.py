@@ -4,7 +4,7 @@
 ``prunes = True`` gets the DENSE model and removes ``removed`` itself (it needs the dense
 states); one with ``prunes = False`` gets the already pruned model and ignores ``removed``.
 ``layers_added`` says how many layers the step puts back: net removal = len(removed) -
-layers_added.
+layers_added. ``cache_dir`` is the layerprune cache, where a step may keep its activation cache.
 """
 
 from __future__ import annotations
@@ -41,7 +41,12 @@ class RecoveryStep(Protocol):
         """Layers the step puts back into the pruned model."""
 
     def __call__(
-        self, model: PreTrainedModel, removed: list[int], windows: torch.Tensor
+        self,
+        model: PreTrainedModel,
+        removed: list[int],
+        windows: torch.Tensor,
+        heldout: torch.Tensor | None = None,
+        cache_dir: str | None = None,
     ) -> RecoveryReport: ...
 
 
@@ -66,11 +71,13 @@ class Recovery:
     """A ``conf/recovery`` option: named steps run in order, on windows from ``train_data``.
 
     ``steps`` maps a name (``replace``, ``linear``, ``lora`` in ``conf/recovery``) to a step; a
-    plain list is accepted and named by position.
+    plain list is accepted and named by position. ``cache_dir`` is the layerprune cache
+    (``paths.cache``; null: the default), where steps keep their activation caches.
     """
 
     steps: Mapping[str, RecoveryStep] | Sequence[RecoveryStep]
     train_data: Calibration | None
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, Mapping):
@@ -121,5 +128,6 @@ class Recovery:
         reports = []
         for step in steps:
             assert windows is not None
-            reports.append(step(loaded.model, removed, windows).to_dict())
+            report = step(loaded.model, removed, windows, cache_dir=self.cache_dir)
+            reports.append(report.to_dict())
         return reports
