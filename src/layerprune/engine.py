@@ -12,11 +12,14 @@ layer, the states of every candidate that has reached it go through in chunks of
 recomputed.
 
 Each layer is called as the model's own forward calls it: the other arguments (attention mask,
-rotary embeddings, position ids) are captured from the first forward. Calibration windows have
-no padding, so these depend on the positions only and are the same for every row; they are kept
-for one row and expanded to any number of rows. That they are the same for every row is checked
-when they are captured: a model whose layers take inputs computed from the tokens (per-layer
-embeddings) cannot be evaluated this way and is refused.
+rotary embeddings, position ids) are captured from a forward of two windows (the first two; the
+one window twice where there is one, and three rows where the windows are two tokens long, so
+that a row count is never mistaken for a token count). Calibration windows have no padding, so
+these depend on the positions only and are the same for every row; they are kept for one row
+and expanded to any number of rows. That they are the same for every row (tensors of one entry
+per row, and of one row each) is checked when they are captured: a model whose layers take
+inputs computed from the tokens (per-layer embeddings) cannot be evaluated this way and is
+refused.
 """
 
 from __future__ import annotations
@@ -53,9 +56,16 @@ class _PerRow:
         return self.row.expand(rows, *self.row.shape[1:])
 
 
-def _reduce(value: Any, rows: int, where: str) -> Any:
-    """``value`` with every per-row tensor replaced by its first row (checked identical)."""
-    if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == rows:
+def _reduce(value: Any, rows: int, where: str, tokens: int = 0) -> Any:
+    """``value`` with every per-row tensor replaced by its first row (checked identical): a
+    tensor of two or more dimensions whose first is ``rows``, or of one dimension of ``rows``
+    entries (unless ``rows`` equals ``tokens``, where it may be one entry per token)."""
+    if (
+        isinstance(value, torch.Tensor)
+        and value.ndim >= 1
+        and value.shape[0] == rows
+        and (value.ndim >= 2 or rows != tokens)
+    ):
         first = value[:1]
         if not torch.equal(value, first.expand_as(value)):
             raise UnsupportedLayers(
@@ -63,10 +73,17 @@ def _reduce(value: Any, rows: int, where: str) -> Any:
             )
         return _PerRow(first)
     if isinstance(value, (tuple, list)):
-        return type(value)(_reduce(v, rows, where) for v in value)
+        return type(value)(_reduce(v, rows, where, tokens) for v in value)
     if isinstance(value, dict):
-        return {k: _reduce(v, rows, f"{where}.{k}") for k, v in value.items()}
+        return {k: _reduce(v, rows, f"{where}.{k}", tokens) for k, v in value.items()}
     return value
+
+
+def probe_rows(windows: torch.Tensor) -> torch.Tensor:
+    """Two rows of ``windows`` to capture the layer calls from (the first two, or the one
+    twice), three where the windows are two tokens long: never as many rows as tokens."""
+    count = 3 if windows.shape[1] == 2 else 2
+    return windows[[min(i, windows.shape[0] - 1) for i in range(count)]]
 
 
 def _expand(value: Any, rows: int) -> Any:
@@ -108,10 +125,11 @@ def capture_calls(stack: DecoderStack) -> Iterator[list[LayerCall]]:
                     "(batch, tokens, hidden) tensor"
                 )
             rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            rows = hidden.shape[0]
-            calls.append(
-                LayerCall(_reduce(tuple(args[1:]), rows, "args"), _reduce(rest, rows, "kwargs"))
-            )
+            rows, tokens = hidden.shape[:2]
+            calls.append(LayerCall(
+                _reduce(tuple(args[1:]), rows, "args", tokens),
+                _reduce(rest, rows, "kwargs", tokens),
+            ))  # fmt: skip
 
         return hook
 
@@ -169,9 +187,10 @@ class SkipEngine:
 
     @torch.no_grad()
     def _first_pass(self) -> tuple[list[LayerCall], list[torch.Tensor]]:
+        with capture_calls(self.stack) as calls:
+            self.stack.base(input_ids=probe_rows(self.ids), use_cache=False)
         chunks: list[list[torch.Tensor]] = []
-        residuals = capture_residuals(self.stack.model, "residual")
-        with residuals as states, capture_calls(self.stack) as calls:
+        with capture_residuals(self.stack.model, "residual") as states:
             for batch in self.ids.split(self.batch_size):
                 states.clear()
                 self.stack.base(input_ids=batch, use_cache=False)
@@ -252,7 +271,9 @@ class SkipEngine:
         for ref, h, x in parts:
             p = torch.log_softmax(self.stack.logits(ref[:, :-1]).float(), dim=-1)
             q = torch.log_softmax(self.stack.logits(h[:, :-1]).float(), dim=-1)
-            kls.append((p.exp() * (p - q)).sum(-1).double().sum(1))
+            prob = p.exp()  # a token of probability 0 adds 0, even where q is -inf too
+            kl = torch.where(prob > 0, prob * (p - q), torch.zeros((), device=prob.device))
+            kls.append(kl.sum(-1).double().sum(1))
             nlls.append(-q.gather(-1, x[:, 1:].unsqueeze(-1)).double().sum(dim=(1, 2)))
         return torch.cat(kls), torch.cat(nlls)
 
