@@ -187,8 +187,75 @@ def test_layers_fed_per_window_inputs_are_refused() -> None:
     try:
         with pytest.raises(UnsupportedLayers, match="differs between windows"):
             SkipEngine(model, tokens(2, 4))
+        # one row a call: the calls are still captured from two windows
+        with pytest.raises(UnsupportedLayers, match="differs between windows"):
+            SkipEngine(model, tokens(3, 4), batch_size=1)
     finally:
         handle.remove()
+
+
+def test_layers_fed_one_value_per_window_are_refused() -> None:
+    """A (rows,) input that differs between windows is refused too; a (tokens,) one is kept."""
+    model = load("tiny_llama").model
+    stack = decoder_stack(model)
+
+    def extra(_m: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+        kwargs["window_scale"] = args[0][:, 0, 0].clone()  # one value per window
+        return args, kwargs
+
+    def forward(hidden: torch.Tensor, *args: object, **kwargs: object) -> object:
+        kwargs.pop("window_scale", None)
+        return original(hidden, *args, **kwargs)
+
+    layer = stack.layers[1]
+    original = layer.forward
+    layer.forward = forward  # type: ignore[method-assign]
+    handle = layer.register_forward_pre_hook(extra, with_kwargs=True)
+    try:
+        with pytest.raises(UnsupportedLayers, match=r"kwargs.window_scale\) that differs"):
+            SkipEngine(model, tokens(3, 4), batch_size=1)
+    finally:
+        handle.remove()
+        del layer.forward
+
+
+def test_the_kl_of_tokens_of_probability_zero_is_finite() -> None:
+    """A token the dense model gives probability 0 (a -inf log-probability) adds nothing to
+    KL(dense || pruned), even where the pruned model gives it -inf as well."""
+    model = load("tiny_llama").model
+    windows = tokens(2, 8)
+    engine = SkipEngine(model, windows)
+    head = model.get_output_embeddings()
+    masked = torch.zeros(head.weight.shape[0])
+    masked[-10:] = -math.inf  # no window holds these tokens
+
+    def hook(_m: torch.nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out + masked.to(out.dtype)
+
+    handle = head.register_forward_hook(hook)
+    try:
+        kl, nll = engine.divergence(engine.final_without([2]))
+        same, _ = engine.divergence(engine.states[-1])
+    finally:
+        handle.remove()
+    assert torch.isfinite(kl).all() and torch.isfinite(nll).all() and (kl > 0).all()
+    assert torch.equal(same, torch.zeros_like(same))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: SLEB(early_barrier=-1), "sleb early_barrier: -1; allowed: an integer >= 0"),
+        (lambda: SLEB(latter_barrier=1.5), "sleb latter_barrier: 1.5; allowed: an integer >= 0"),
+        (lambda: PPLCriterion(keep_first="x"), "ppl keep_first: x; allowed: an integer >= 0"),
+        (lambda: TaylorPlus(keep_last=True), "taylor keep_last: True; allowed: an integer >= 0"),
+        (lambda: TaylorPlus(batch_size=0), "taylor batch_size: 0; allowed: an integer >= 1"),
+    ],
+)
+def test_bad_criterion_settings_name_the_value_and_what_is_allowed(make, message: str) -> None:
+    with pytest.raises(LayerpruneError) as err:
+        make()
+    assert str(err.value) == message
 
 
 def test_criterion_scores_round_trip_and_choose() -> None:

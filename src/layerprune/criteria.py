@@ -144,6 +144,13 @@ class ModelScorer(Scorer):
             )
 
 
+def _count(scorer: str, name: str, value: Any, low: int) -> int:
+    """A whole-number setting of a criterion, checked: ``<scorer> <name>: <value>; allowed``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise LayerpruneError(f"{scorer} {name}: {value}; allowed: an integer >= {low}")
+    return value
+
+
 def _bar(total: int, desc: str, show: bool) -> Any:
     from tqdm import tqdm
 
@@ -164,10 +171,8 @@ class SLEB(ModelScorer):
         selection: Selection = "independent",
     ) -> None:  # fmt: skip
         super().__init__(selection)
-        if early_barrier < 0 or latter_barrier < 0:
-            raise LayerpruneError("sleb barriers must be >= 0")
-        self.early_barrier = early_barrier
-        self.latter_barrier = latter_barrier
+        self.early_barrier = _count(self.name, "early_barrier", early_barrier, 0)
+        self.latter_barrier = _count(self.name, "latter_barrier", latter_barrier, 0)
 
     def protected(self, num_layers: int) -> list[int]:
         """The first ``early_barrier`` layers are always the first remaining ones (and the
@@ -226,10 +231,8 @@ class _KeepEnds(ModelScorer):
         self, keep_first: int = 4, keep_last: int = 2, selection: Selection = "independent"
     ) -> None:
         super().__init__(selection)
-        if keep_first < 0 or keep_last < 0:
-            raise LayerpruneError(f"{self.name} keep_first and keep_last must be >= 0")
-        self.keep_first = keep_first
-        self.keep_last = keep_last
+        self.keep_first = _count(self.name, "keep_first", keep_first, 0)
+        self.keep_last = _count(self.name, "keep_last", keep_last, 0)
 
     def protected(self, num_layers: int) -> list[int]:
         first = range(min(self.keep_first, num_layers))
@@ -285,9 +288,7 @@ class TaylorPlus(_KeepEnds):
         selection: Selection = "independent",
     ) -> None:  # fmt: skip
         super().__init__(keep_first, keep_last, selection)
-        if batch_size < 1:
-            raise LayerpruneError("taylor batch_size must be >= 1")
-        self.batch_size = batch_size
+        self.batch_size = _count(self.name, "batch_size", batch_size, 1)
 
     def measure(
         self, model: PreTrainedModel, windows: torch.Tensor, k: int, batch_size: int = 8,
@@ -308,7 +309,10 @@ class TaylorPlus(_KeepEnds):
 def taylor_saliency(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) -> list[float]:
     """Per layer, the sum over its weights (every parameter named ``*weight*``, biases not,
     as the official code) of ``|sum over batches of w * dL_b/dw|``, L_b the mean next-token
-    loss of batch b. The model is left as it was: no gradients kept, ``requires_grad`` restored.
+    loss of batch b. Forward and backward run in the model's dtype; each batch's saliency
+    ``w * dL_b/dw`` is added in float32 to a float32 buffer per weight, as the official code
+    accumulates ``salience.data.clone().float()`` (the buffers take 4 bytes per scored weight).
+    The model is left as it was: no gradients kept, ``requires_grad`` restored.
     """
     stack = decoder_stack(model)
     weights = [
@@ -323,18 +327,24 @@ def taylor_saliency(model: PreTrainedModel, windows: torch.Tensor, batch_size: i
             p.grad = None
         for _, p in weights:
             p.requires_grad_(True)  # only the scored weights: no gradient for the embeddings
+        saliency: list[torch.Tensor | None] = [None] * len(weights)
         with torch.enable_grad():
-            # Summing the per-batch gradients and multiplying once by w equals summing the
-            # per-batch saliences w * g_b, as the official loop does.
             for batch in windows.split(batch_size):
                 batch = batch.to(device)
                 logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
                 loss.backward()
+                del logits, loss
+                for j, (_, p) in enumerate(weights):
+                    assert p.grad is not None
+                    s = p.detach().float() * p.grad.float()
+                    buffer = saliency[j]
+                    saliency[j] = s if buffer is None else buffer.add_(s)
+                    p.grad = None
         scores = [0.0] * stack.num_layers
-        for i, p in weights:
-            assert p.grad is not None
-            scores[i] += float((p.detach().float() * p.grad.float()).abs().sum(dtype=torch.float64))
+        for (i, _), s in zip(weights, saliency, strict=True):
+            assert s is not None
+            scores[i] += float(s.abs().sum(dtype=torch.float64))
         return scores
     finally:
         for p, flag in flags.items():
