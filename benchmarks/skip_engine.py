@@ -3,9 +3,10 @@
     python benchmarks/skip_engine.py --model smollm2_135m --n 1 --seq-len 256 --steps 1
     python benchmarks/skip_engine.py --shape llama2_7b --n 4 --seq-len 2048 --steps 2   # GPU
 
-The naive loop measures as Shortened LLaMA's code does: at every step, for every candidate
-layer, prune a copy of the current model and run it whole (LM head included) over the
-windows; then remove the best layer. The masked loop is SLEB's own code: no copy, the candidate
+The naive loop prunes copies, as Shortened LLaMA's PPL code does for its one-shot measure
+(there once per layer of the dense model), at every step of the removal loop: for every
+candidate layer, prune a copy of the current model and run it whole (LM head included) over
+the windows; then remove the best layer. The masked loop is SLEB's own code: no copy, the candidate
 layer is switched off (passes its input through) and the model runs whole. The engine runs the
 model once, keeps the residual states at the layer boundaries and, for a candidate, runs only
 the layers after it; after a removal it recomputes only the states after the removed layer.
