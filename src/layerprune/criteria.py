@@ -338,13 +338,13 @@ def taylor_saliency(model: PreTrainedModel, windows: torch.Tensor, batch_size: i
                 for j, (_, p) in enumerate(weights):
                     assert p.grad is not None
                     s = p.detach().float() * p.grad.float()
-                    buffer = saliency[j]
-                    saliency[j] = s if buffer is None else buffer.add_(s)
+                    done = saliency[j]
+                    saliency[j] = s if done is None else done.add_(s)
                     p.grad = None
         scores = [0.0] * stack.num_layers
-        for (i, _), s in zip(weights, saliency, strict=True):
-            assert s is not None
-            scores[i] += float(s.abs().sum(dtype=torch.float64))
+        for (i, _), total in zip(weights, saliency, strict=True):
+            assert total is not None
+            scores[i] += float(total.abs().sum(dtype=torch.float64))
         return scores
     finally:
         for p, flag in flags.items():
