@@ -36,6 +36,7 @@ from transformers import PreTrainedModel
 
 from layerprune.errors import LayerpruneError
 from layerprune.layers import DecoderStack, decoder_stack
+from layerprune.lmhead import token_logprobs
 from layerprune.scoring import capture_residuals
 
 HEAD_TOKENS = 4096  # tokens per LM-head call: bounds the (tokens x vocabulary) logits in memory
@@ -148,13 +149,16 @@ def capture_calls(stack: DecoderStack) -> Iterator[list[LayerCall]]:
 def window_nll(stack: DecoderStack, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Per row, the summed NLL of tokens 1.. of ``ids`` given the last layer's output.
 
-    The same arithmetic as :func:`layerprune.perplexity.perplexity`: logits in the model's
-    dtype, log-softmax in float32, sums in float64."""
+    The arithmetic of :func:`layerprune.perplexity.perplexity`, whose LM head and log-softmax
+    it shares (:func:`~layerprune.lmhead.token_logprobs`): logits in the model's dtype,
+    log-softmax in float32, sums in float64."""
     rows = max(1, HEAD_TOKENS // ids.shape[1])
     sums = []
     for h, x in zip(hidden.split(rows), ids.split(rows), strict=True):
-        logp = torch.log_softmax(stack.logits(h[:, :-1]).float(), dim=-1)
-        sums.append(-logp.gather(-1, x[:, 1:].unsqueeze(-1)).double().sum(dim=(1, 2)))
+        states = stack.final_states(h[:, :-1])
+        targets = x[:, 1:]
+        logp, _ = token_logprobs(stack.model, states.flatten(0, 1), targets.flatten())
+        sums.append(-logp.view(targets.shape).double().sum(1))
     return torch.cat(sums)
 
 

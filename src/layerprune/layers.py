@@ -101,14 +101,21 @@ class DecoderStack:
                 return value
         return 1e-6
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's logits from the residual stream leaving its last layer: the final norm,
-        OPT's output projection where there is one, the LM head, and Gemma's logit
-        soft-capping where configured, as the model's own forward applies them."""
+    def final_states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the LM head reads from the residual stream leaving the last layer: the final
+        norm, then OPT's output projection where there is one."""
         hidden = self.norm(hidden)
         project_out = getattr(self.base, "project_out", None)
         if isinstance(project_out, nn.Module):
             hidden = project_out(hidden)
+        assert isinstance(hidden, torch.Tensor)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits from the residual stream leaving its last layer: the final norm,
+        OPT's output projection where there is one, the LM head, and Gemma's logit
+        soft-capping where configured, as the model's own forward applies them."""
+        hidden = self.final_states(hidden)
         head = self.model.get_output_embeddings()
         if not isinstance(head, nn.Module):
             raise LayerpruneError(f"{type(self.model).__name__} has no LM head")
