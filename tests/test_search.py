@@ -18,13 +18,16 @@ from layerprune.app import run
 from layerprune.calibration import TextFile
 from layerprune.errors import LayerpruneError
 from layerprune.models import LoadedModel
+from layerprune.pipeline import NoEvaluator
 from layerprune.search import (
     Candidate,
     SearchSettings,
+    evaluated_ranks,
     front,
     heldout_windows,
     search,
     search_record,
+    search_table,
     spearman,
 )
 from layerprune.surgery import remove_layers
@@ -132,6 +135,56 @@ def test_the_top_plans_are_evaluated_and_the_proxy_correlates(tmp_path: Path) ->
     assert [c["removed"] for c in record["front_params"]] == [evaluated[0].removed]
 
 
+def test_a_spread_of_ranks_is_evaluated_and_the_headline_is_the_mean_per_budget(
+    tmp_path: Path,
+) -> None:
+    loaded = load("tiny_llama")
+    calibration = TextFile(n=4, seq_len=32, path=str(MIRROR / "text" / "wiki.txt"))
+    heldout = heldout_windows(calibration, loaded.tokenizer, 3)
+    evaluator = StubEvaluator(heldout, loaded.model)
+    proposers = [(f"random/{s}", lp.Random(s)) for s in range(8)]
+    settings = SearchSettings(budgets=(1, 2), unit="layers", heldout=3, top_k=3,
+                              prefill_repeats=1, evaluate="spread")  # fmt: skip
+    results = search(loaded, calibration, proposers, settings, evaluator, tmp_path,
+                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    for result in results:
+        n = len(result.candidates)
+        assert n > 3 and result.evaluated == evaluated_ranks(n, 3, "spread")
+        assert result.evaluated[0] == 0 and result.evaluated[-1] == n - 1
+        got = [i for i, c in enumerate(result.candidates) if c.accuracy is not None]
+        assert got == result.evaluated
+    record = search_record(loaded, results, {})
+    rhos = [b["spearman_proxy_accuracy"] for b in record["budgets"]]
+    assert rhos == pytest.approx([1.0, 1.0])
+    assert record["spearman_proxy_accuracy"] == pytest.approx(1.0)
+    table = search_table(record)
+    assert f"Timed and evaluated: ranks 1, {results[0].evaluated[1] + 1}, " in table
+    assert "(spread over the ranks)" in table and "mean over budgets: 1.000" in table
+
+
+def test_evaluated_ranks() -> None:
+    assert evaluated_ranks(10, 3, "top") == [0, 1, 2]
+    assert evaluated_ranks(10, 3, "spread") == [0, 4, 9]
+    assert evaluated_ranks(2, 3, "spread") == [0, 1]
+    assert evaluated_ranks(5, 1, "spread") == [0]
+    assert evaluated_ranks(0, 3, "top") == []
+
+
+def test_a_budget_no_proposer_reaches_is_recorded_without_candidates(tmp_path: Path) -> None:
+    loaded = load("tiny_llama")
+    calibration = TextFile(n=4, seq_len=32, path=str(MIRROR / "text" / "wiki.txt"))
+    settings = SearchSettings(budgets=(1, 5), unit="layers", heldout=3, top_k=2,
+                              prefill_repeats=1)  # fmt: skip
+    results = search(loaded, calibration, [("ppl", lp.PPLCriterion(1, 1))], settings,
+                     NoEvaluator(), tmp_path, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    assert [len(r.candidates) for r in results] == [1, 0]
+    assert results[1].chosen is None and results[1].evaluated == []
+    assert results[1].skipped == {"ppl": "removes at most 4 of 6 layers"}
+    record = search_record(loaded, results, {})
+    assert record["budgets"][1]["chosen"] is None
+    assert "Not proposed: {'ppl': 'removes at most 4 of 6 layers'}" in search_table(record)
+
+
 def test_spearman_and_front_on_hand_examples() -> None:
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -150,6 +203,7 @@ def test_spearman_and_front_on_hand_examples() -> None:
         ("search.budgets=[1.5]", "search.budgets: [1.5]; allowed: whole numbers of layers >= 1"),
         ("search.scorers=[bogus]", "search.scorers: ['bogus']; allowed: a non-empty list of"),
         ("search.top_k=0", "search.top_k: 0; allowed: an integer >= 1"),
+        ("search.evaluate=all", "search.evaluate: all; allowed: top, spread"),
         ("+search.settings.angular.x=1", "search.settings: {'ppl': {'keep_first': 1, "),
     ],
 )

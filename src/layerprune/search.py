@@ -7,9 +7,14 @@ proposers. The candidates are ranked by a proxy measured on held-out calibration
 the pruned model's next-token distribution from the dense model's, then the pruned model's
 perplexity. Both come from the dense model's cached boundary states
 (:class:`~layerprune.engine.SkipEngine`): a candidate runs from its first removed layer on. The
-best ``top_k`` are timed (prefill of the held-out windows on a pruned copy) and evaluated with
-the run's evaluator; :func:`spearman` tells how well the proxy ranked what was evaluated, and
-:func:`front` which of them no other beats in both quality and cost, over all budgets.
+best ``top_k`` (``evaluate="top"``), or ``top_k`` spread over the proxy's ranks from the best to
+the worst (``evaluate="spread"``), are timed (prefill of the held-out windows on a pruned copy)
+and evaluated with the run's evaluator. :func:`spearman` tells, per budget, how well the proxy
+ranked what was evaluated (the headline is the mean over budgets: candidates of different
+budgets are not pooled, since the budget alone would correlate them), and :func:`front` which
+of them no other beats in both quality and cost, over all budgets. A model scorer is measured
+once, for the largest budget it can reach: an iterative criterion's order for fewer layers is
+a prefix of it.
 """
 
 from __future__ import annotations
@@ -73,6 +78,22 @@ class SearchSettings:
     heldout: int = 16  # held-out calibration windows for the proxy
     top_k: int = 3  # candidates timed and evaluated per budget
     prefill_repeats: int = 3
+    evaluate: str = "top"  # which candidates: the best top_k, or top_k spread over the ranks
+
+
+EVALUATE = ("top", "spread")
+
+
+def evaluated_ranks(n: int, top_k: int, evaluate: str) -> list[int]:
+    """The ranks (0 = best by the proxy) of the candidates timed and evaluated: the first
+    ``top_k``, or ``top_k`` evenly spread from the best to the worst."""
+    if evaluate not in EVALUATE:
+        raise LayerpruneError(f"search.evaluate: {evaluate}; allowed: {', '.join(EVALUATE)}")
+    if evaluate == "top" or n <= top_k:
+        return list(range(min(n, top_k)))
+    if top_k == 1:
+        return [0]
+    return sorted({round(i * (n - 1) / (top_k - 1)) for i in range(top_k)})
 
 
 def candidates(proposals: Iterable[tuple[str, Plan]]) -> list[Candidate]:
@@ -170,6 +191,7 @@ def prefill_seconds(
     remove_layers(pruned, removed)
     device = next(pruned.parameters()).device
     ids = ids.to(device)
+    pruned(input_ids=ids, use_cache=False)  # warm-up: kernels chosen, memory allocated
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -207,21 +229,25 @@ def quality(candidate: Candidate) -> float | None:
 class BudgetResult:
     budget: float
     k: int
-    candidates: list[Candidate]  # ranked, best first
+    candidates: list[Candidate]  # ranked, best first; empty when no proposer made a plan
     skipped: dict[str, str] = field(default_factory=dict)  # proposer -> why it made no plan
+    evaluated: list[int] = field(default_factory=list)  # ranks (0 = best) timed and evaluated
+    evaluate: str = "top"
 
     @property
-    def chosen(self) -> Candidate:
-        return self.candidates[0]
+    def chosen(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
 
     def to_dict(self) -> dict[str, Any]:
         evaluated = [c for c in self.candidates if c.accuracy is not None and c.kl is not None]
         return {
             "budget": self.budget,
             "k": self.k,
-            "chosen": self.chosen.to_dict(),
+            "chosen": None if self.chosen is None else self.chosen.to_dict(),
             "candidates": [c.to_dict() for c in self.candidates],
             "skipped": self.skipped,
+            "evaluate": self.evaluate,
+            "evaluated_ranks": [r + 1 for r in self.evaluated],
             "spearman_proxy_accuracy": spearman(
                 [-(c.kl or 0.0) for c in evaluated], [c.accuracy or 0.0 for c in evaluated]
             ),
@@ -238,48 +264,70 @@ def search(
     scoring: ScoringSettings | None = None,
     cache_dir: str | None = None,
 ) -> list[BudgetResult]:
-    """Every proposer's plan for every budget, ranked by the proxy; the best ``top_k`` of
-    each budget timed and evaluated (``evaluator`` has evaluated the dense model already)."""
+    """Every proposer's plan for every budget, ranked by the proxy; ``top_k`` candidates of
+    each budget (see :func:`evaluated_ranks`) timed and evaluated (``evaluator`` has evaluated
+    the dense model already). A budget no proposer can reach is recorded with no candidates."""
     scoring = scoring or ScoringSettings()
     stats, _ = layer_stats(loaded, calibration, scoring, cache_dir)
     heldout = heldout_windows(calibration, loaded.tokenizer, settings.heldout)
     engine = SkipEngine(loaded.model, heldout, scoring.batch_size)
+    num = engine.stack.num_layers
+    counts = {budget: removal_count(loaded, Sparsity(budget, settings.unit), 0)
+              for budget in settings.budgets}  # fmt: skip
+    # A model scorer is measured once, for the most layers any budget asks of it and it can
+    # remove: a one-shot criterion's measurement does not depend on k, and an iterative one's
+    # order for fewer layers is the prefix of its order for more.
+    measured: dict[str, Any] = {}
+    for label, scorer in proposers:
+        if isinstance(scorer, ModelScorer):
+            reachable = [k for k in counts.values() if k <= scorer.max_removable(num)]
+            if reachable:
+                measured[label], _ = criterion_scores(
+                    loaded, calibration, scorer, max(reachable), scoring, cache_dir
+                )
     results = []
     for budget in settings.budgets:
         sparsity = Sparsity(budget, settings.unit)
-        k = removal_count(loaded, sparsity, 0)
+        k = counts[budget]
         proposals, skipped = [], {}
-        num = engine.stack.num_layers
         for label, scorer in proposers:
             if isinstance(scorer, ModelScorer) and k > scorer.max_removable(num):
                 skipped[label] = f"removes at most {scorer.max_removable(num)} of {num} layers"
                 continue
-            measured, _ = criterion_scores(loaded, calibration, scorer, k, scoring, cache_dir)
-            proposals.append((label, plan_for(loaded, measured or stats, scorer, sparsity, 0)))
+            evidence = measured.get(label, stats)
+            proposals.append((label, plan_for(loaded, evidence, scorer, sparsity, 0)))
         found = candidates(proposals)
         measure_proxy(engine, found)
         order = ranked(found)
-        for i, candidate in enumerate(order[: settings.top_k]):
+        ranks = evaluated_ranks(len(order), settings.top_k, settings.evaluate)
+        for rank in ranks:
+            candidate = order[rank]
             candidate.prefill_s = prefill_seconds(
                 loaded.model, candidate.removed, heldout, settings.prefill_repeats
             )
-            evaluate_candidate(loaded, candidate, evaluator, out / f"budget-{budget}" / f"top{i}")
-        log.info(
-            "budget %s (%d layers): %d distinct plans from %d proposers; best %s by %s",
-            budget, k, len(found), len(proposals), order[0].removed, order[0].proposers,
-        )  # fmt: skip
-        results.append(BudgetResult(budget, k, order, skipped))
+            where = out / f"budget-{budget}" / f"rank{rank + 1}"
+            evaluate_candidate(loaded, candidate, evaluator, where)
+        if order:
+            log.info(
+                "budget %s (%d layers): %d distinct plans from %d proposers; best %s by %s",
+                budget, k, len(found), len(proposals), order[0].removed, order[0].proposers,
+            )  # fmt: skip
+        else:
+            log.warning("budget %s (%d layers): no proposer makes a plan: %s", budget, k, skipped)
+        results.append(BudgetResult(budget, k, order, skipped, ranks, settings.evaluate))
     return results
 
 
 def search_record(
     loaded: LoadedModel, results: Sequence[BudgetResult], config: dict[str, Any]
 ) -> dict[str, Any]:
-    """search.json: every budget's ranked candidates, the proxy-vs-accuracy correlation (per
-    budget and pooled) and the front of quality against parameters and prefill time."""
+    """search.json: every budget's ranked candidates, the proxy-vs-accuracy rank correlation
+    (per budget, and their mean over the budgets that have one) and the front of quality
+    against parameters and prefill time."""
+    budgets = [r.to_dict() for r in results]
     top = [c for r in results for c in r.candidates if c.prefill_s is not None]
     evaluated = [c for c in top if c.accuracy is not None]
-    pooled = spearman([-(c.kl or 0.0) for c in evaluated], [c.accuracy or 0.0 for c in evaluated])
+    rhos = [rho for b in budgets if (rho := b["spearman_proxy_accuracy"]) is not None]
     rated = [(c, q) for c in top if (q := quality(c)) is not None]
     by_params = front([(float(c.params_after), q) for c, q in rated])
     by_prefill = front([(c.prefill_s or 0.0, q) for c, q in rated])
@@ -288,8 +336,8 @@ def search_record(
         "kind": SEARCH,
         "model": {"name": loaded.name, "fingerprint": loaded.fingerprint},
         "params_before": param_count(loaded.model),
-        "budgets": [r.to_dict() for r in results],
-        "spearman_proxy_accuracy": pooled,
+        "budgets": budgets,
+        "spearman_proxy_accuracy": statistics.fmean(rhos) if rhos else None,  # mean per budget
         "quality": "evaluation average" if evaluated else "minus held-out perplexity",
         "front_params": [rated[i][0].to_dict() for i in by_params],
         "front_prefill": [rated[i][0].to_dict() for i in by_prefill],
@@ -302,13 +350,17 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def search_table(record: dict[str, Any]) -> str:
-    """Markdown: per budget, its candidates best first (the chosen one is rank 1), then the
-    correlation and the fronts."""
+    """Markdown: per budget, its candidates best first (the chosen one is rank 1), which of
+    them were evaluated, then the correlations and the fronts."""
     before = record["params_before"]
     lines = [f"# Budgeted search: {record['model']['name']}", ""]
     for budget in record["budgets"]:
+        ranks = budget["evaluated_ranks"]
+        which = "the best by the proxy" if budget["evaluate"] == "top" else "spread over the ranks"
         lines += [
             f"## budget {budget['budget']} ({budget['k']} layers)", "",
+            f"Timed and evaluated: ranks {', '.join(map(str, ranks)) or '–'} of "
+            f"{len(budget['candidates'])} ({which}).", "",
             "| rank | removed | proposed by | params | KL/token | PPL | prefill s | accuracy |",
             "|---|---|---|---|---|---|---|---|",
         ]  # fmt: skip
@@ -319,12 +371,14 @@ def search_table(record: dict[str, Any]) -> str:
                 f"{_cell(c['ppl'], '.2f')} | {_cell(c['prefill_s'], '.3f')} | "
                 f"{_cell(c['accuracy'], '.4f')} |"
             )
-        rho = budget["spearman_proxy_accuracy"]
-        lines += ["", f"Spearman (−KL vs accuracy, evaluated plans): {_cell(rho, '.3f')}", ""]
+        rho = _cell(budget["spearman_proxy_accuracy"], ".3f")
+        lines += ["", f"Spearman (−KL vs accuracy, the {len(ranks)} evaluated plans): {rho}", ""]
         if budget["skipped"]:
             lines += [f"Not proposed: {budget['skipped']}", ""]
+    per_budget = ", ".join(_cell(b["spearman_proxy_accuracy"], ".3f") for b in record["budgets"])
     lines.append(
-        f"Pooled Spearman (−KL vs accuracy): {_cell(record['spearman_proxy_accuracy'], '.3f')}; "
+        f"Spearman (−KL vs accuracy), mean over budgets: "
+        f"{_cell(record['spearman_proxy_accuracy'], '.3f')} (per budget: {per_budget}); "
         f"quality = {record['quality']}"
     )
     for key, cost in (("front_params", "parameters"), ("front_prefill", "prefill time")):
@@ -334,8 +388,8 @@ def search_table(record: dict[str, Any]) -> str:
 
 
 def plot_search(record: dict[str, Any], path: Path) -> Path:
-    """Quality of the timed (top) plans of every budget against their parameters and prefill
-    time, the front drawn through the points no other beats."""
+    """Quality of the timed plans of every budget against their parameters and prefill time,
+    the front drawn through the points no other beats."""
     from layerprune.files import atomic_write
     from layerprune.plots import plt
 
@@ -355,7 +409,7 @@ def plot_search(record: dict[str, Any], path: Path) -> Path:
     ylabel = "average accuracy" if evaluated else "− held-out perplexity"
     axes[0].set(xlabel="parameters kept (fraction)", ylabel=ylabel)
     axes[1].set(xlabel="prefill seconds (held-out windows)", ylabel=ylabel)
-    fig.suptitle(f"{record['model']['name']}: best plans per budget and their front")
+    fig.suptitle(f"{record['model']['name']}: evaluated plans per budget and their front")
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return path
