@@ -110,6 +110,27 @@ EARLY = [
     ("scorer=ppl scorer.keep_first=-1", "scorer.keep_first: -1; allowed: an integer >= 0"),
     ("scorer=sleb scorer.latter_barrier=x", "scorer.latter_barrier: x; allowed: an integer >= 0"),
     ("scorer=taylor scorer.batch_size=0", "scorer.batch_size: 0; allowed: an integer >= 1"),
+    ("experiment=search +search.settings.ppl.bogus=1",
+     "search.settings.ppl.bogus: 1; allowed: a setting of scorer ppl: one of keep_first, "
+     "keep_last"),
+    ("experiment=search +search.settings.block_influence.bogus=1",
+     "search.settings.block_influence.bogus: 1; allowed: a setting of scorer block_influence: "
+     "none"),
+    ("experiment=search +search.settings.ppl.keep_first=-1",
+     "search.settings.ppl.keep_first: -1; allowed: an integer >= 0"),
+    ("experiment=search +search.settings.sleb.early_barrier=x",
+     "search.settings.sleb.early_barrier: x; allowed: an integer >= 0"),
+    ("experiment=search +search.settings.sleb.early_barrier=1.5",
+     "search.settings.sleb.early_barrier: 1.5; allowed: an integer >= 0"),
+    ("experiment=search +search.settings.taylor.batch_size=0",
+     "search.settings.taylor.batch_size: 0; allowed: an integer >= 1"),
+    ("experiment=search +search.settings.random.seed=3",
+     "search.settings.random.seed: 3; allowed: not set here: search.random_seeds sets the seed"),
+    ("experiment=search +search.settings.sleb.selection=contiguous",
+     "search.settings.sleb.selection: contiguous; allowed: not set here: search.selections"),
+    ("experiment=search +search.settings.ppl=4",
+     "search.settings.ppl: 4; allowed: a mapping {{setting: value}} of keep_first, keep_last"),
+    ("experiment=search search.evaluate=all", "search.evaluate: all; allowed: top, spread"),
     pytest.param(
         "model.device=cuda", "model.device: cuda; allowed: auto or cpu: this machine has no GPU",
         marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is present"),
@@ -240,6 +261,10 @@ def test_cache_under_a_file_is_one_error_when_the_run_folder_is_unwritable(tmp_p
         (
             "experiment=ppl scorer.selection=contiguous",
             "scorer.selection: contiguous; allowed: independent",
+        ),
+        (
+            "experiment=search +search.settings.sleb.early_barrier=x",
+            "search.settings.sleb.early_barrier: x; allowed: an integer >= 0",
         ),
     ],
 )

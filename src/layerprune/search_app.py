@@ -19,9 +19,26 @@ from layerprune.criteria import ModelScorer
 from layerprune.files import write_json
 from layerprune.pipeline import NoEvaluator
 from layerprune.scoring import SELECTIONS, Scorer
-from layerprune.search import SearchSettings, plot_search, search, search_record, search_table
+from layerprune.search import (
+    EVALUATE,
+    SearchSettings,
+    plot_search,
+    search,
+    search_record,
+    search_table,
+)
 from layerprune.selection import Sparsity
-from layerprune.validation import MISSING, Config, get, integer, invalid, is_int, is_number
+from layerprune.validation import (
+    MISSING,
+    Config,
+    check_model_scorer,
+    choice,
+    get,
+    integer,
+    invalid,
+    is_int,
+    is_number,
+)
 
 log = logging.getLogger("layerprune")
 
@@ -56,12 +73,40 @@ def check_search(cfg: Config) -> None:
         raise invalid("search.random_seeds", seeds, "a list of integers >= 0")
     for key, low in (("heldout", 1), ("top_k", 1), ("prefill_repeats", 1)):
         integer(cfg, f"search.{key}", low)
+    choice(cfg, "search.evaluate", EVALUATE)
     settings = get(cfg, "search.settings")
     if settings is not MISSING and (
         not isinstance(settings, dict) or any(k not in scorers for k in settings)
     ):
         raise invalid("search.settings", settings, "a mapping {scorer of search.scorers: "
                       "{setting: value}}")  # fmt: skip
+    for name, values in (settings if isinstance(settings, dict) else {}).items():
+        check_scorer_settings(name, values)
+
+
+# set for every proposer by the search itself, not by search.settings
+SET_BY_SEARCH = {"selection": "search.selections", "seed": "search.random_seeds"}
+
+
+def check_scorer_settings(name: str, values: Any) -> None:
+    """``search.settings.<name>``: fields of the scorer option, and the option with them
+    merged holds values its scorer accepts."""
+    key = f"search.settings.{name}"
+    node = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "scorer" / f"{name}.yaml"))
+    assert isinstance(node, dict)
+    fields = [str(f) for f in node if f != "_target_" and f not in SET_BY_SEARCH]
+    if not isinstance(values, dict):
+        raise invalid(key, values, f"a mapping {{setting: value}} of {', '.join(fields) or 'no'} "
+                      f"setting(s) of scorer {name}")  # fmt: skip
+    for field, value in values.items():
+        if field in SET_BY_SEARCH and field in node:
+            raise invalid(f"{key}.{field}", value, f"not set here: {SET_BY_SEARCH[field]} "
+                          f"sets the {field} of every {name} proposer")  # fmt: skip
+        if field not in fields:
+            allowed = f"one of {', '.join(fields)}" if fields else "none"
+            raise invalid(f"{key}.{field}", value, f"a setting of scorer {name}: {allowed}")
+    merged = {k: v for k, v in node.items() if k not in SET_BY_SEARCH} | values
+    check_model_scorer({"search": {"settings": {name: merged}}}, key)
 
 
 def check_search_config(cfg: DictConfig) -> None:
@@ -104,6 +149,7 @@ def run_search(cfg: DictConfig, out: Path) -> dict[str, Any]:
         heldout=int(cfg.search.heldout),
         top_k=int(cfg.search.top_k),
         prefill_repeats=int(cfg.search.prefill_repeats),
+        evaluate=str(cfg.search.evaluate),
     )
     from layerprune.validation import check_model
 

@@ -405,22 +405,23 @@ def target_class(cfg: Config, key: str) -> type | None:
     return found if isinstance(found, type) else None
 
 
-def check_model_scorer(cfg: Config) -> None:
-    """A scorer that measures the model: single layers only, and sensible settings."""
-    cls = target_class(cfg, "scorer")
+def check_model_scorer(cfg: Config, key: str = "scorer") -> None:
+    """A scorer that measures the model (the node at ``key``): single layers only, and
+    sensible settings."""
+    cls = target_class(cfg, key)
     if cls is None or not issubclass(cls, ModelScorer):
         return
-    selection = get(cfg, "scorer.selection")
+    selection = get(cfg, f"{key}.selection")
     if selection is not MISSING and selection not in cls.selections:
         raise invalid(
-            "scorer.selection", selection, f"{', '.join(cls.selections)} ({cls.name} measures "
+            f"{key}.selection", selection, f"{', '.join(cls.selections)} ({cls.name} measures "
             "the model without single layers; block selection is not part of the method)",
         )  # fmt: skip
     for field in ("early_barrier", "latter_barrier", "keep_first", "keep_last"):
-        if has(cfg, f"scorer.{field}"):
-            integer(cfg, f"scorer.{field}", 0)
-    if has(cfg, "scorer.batch_size"):
-        integer(cfg, "scorer.batch_size", 1)
+        if has(cfg, f"{key}.{field}"):
+            integer(cfg, f"{key}.{field}", 0)
+    if has(cfg, f"{key}.batch_size"):
+        integer(cfg, f"{key}.batch_size", 1)
 
 
 def check_config(cfg: Config) -> None:
