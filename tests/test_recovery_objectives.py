@@ -24,7 +24,7 @@ from layerprune.recovery import (
     MLPReplacement,
     TokenFilter,
 )
-from layerprune.recovery.activations import in_order
+from layerprune.recovery.activations import Streamed, in_order
 from layerprune.recovery.checkpoint import _module
 from layerprune.recovery.modules import build_replacement
 from layerprune.recovery.objective import token_loss
@@ -324,18 +324,19 @@ def test_the_cache_is_written_once_and_checked_when_read(
 ) -> None:
     model, windows = load("tiny_llama").model, tokens(6)
     cache = ActivationCache(tmp_path, "float32")
+    streamed = Streamed(model, START, SIZE, windows)
+    expected = torch.cat([b.h_out for b in in_order(streamed, 4)])
+    index = torch.tensor([4, 1])
+    expected_index = streamed.batch(index).h_out
     forwards: list[int] = []
     decoder_stack(model).layers[0].register_forward_hook(lambda *_: forwards.append(1))
     first = cache.states(model, START, SIZE, windows, batch_size=4)
     assert len(forwards) == 2 + 1  # two batches, then one window for the layer's arguments
     states = cache.states(model, START, SIZE, windows, batch_size=4)
     assert len(forwards) == 3  # read, not recomputed
-    streamed = [b for b in in_order(first, 4)]
-    index = torch.tensor([4, 1])
+    torch.testing.assert_close(torch.cat([b.h_out for b in in_order(first, 4)]), expected)
     got = states.batch(index)
-    torch.testing.assert_close(
-        got.h_out, torch.cat([streamed[1].h_out[:1], streamed[0].h_out[1:2]])
-    )
+    torch.testing.assert_close(got.h_out, expected_index)
     assert torch.equal(got.input_ids, windows[index])
     (entry,) = list(tmp_path.iterdir())
     data = bytearray((entry / "h_out.bin").read_bytes())
@@ -347,5 +348,21 @@ def test_the_cache_is_written_once_and_checked_when_read(
     assert len(forwards) == 6
     with torch.no_grad():
         decoder_stack(model).layers[0].mlp.down_proj.weight.mul_(2)  # other weights: a new entry
+    cache.states(model, START, SIZE, windows, batch_size=4)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_weight_changed_through_data_gives_a_new_cache_key(tmp_path: Path) -> None:
+    # peft's LoRA merge writes ``weight.data += delta``: the tensor's version does not move
+    model, windows = load("tiny_llama").model, tokens(4)
+    cache = ActivationCache(tmp_path, "float32")
+    before = cache.key(model, START, SIZE, windows, {})
+    weight = decoder_stack(model).layers[0].mlp.down_proj.weight
+    version = weight._version
+    weight.data += 1e-3
+    assert weight._version == version
+    assert cache.key(model, START, SIZE, windows, {}) != before
+    cache.states(model, START, SIZE, windows, batch_size=4)
+    weight.data -= 1e-3
     cache.states(model, START, SIZE, windows, batch_size=4)
     assert len(list(tmp_path.iterdir())) == 2
