@@ -27,7 +27,7 @@ from layerprune.recovery import (
 from layerprune.recovery.activations import Streamed, in_order
 from layerprune.recovery.checkpoint import _module
 from layerprune.recovery.modules import build_replacement
-from layerprune.recovery.objective import token_loss
+from layerprune.recovery.objective import token_loss, token_loss_sum
 from layerprune.recovery.training import Training, shuffled
 
 from .conftest import MIRROR, load
@@ -251,6 +251,37 @@ def test_accumulating_two_half_batches_is_one_full_batch() -> None:
     for name, value in modules[0].items():
         torch.testing.assert_close(modules[1][name], value, atol=1e-6, rtol=1e-5)
     assert [len(b) for b in (next(shuffled(8, 4, 0)), next(shuffled(8, 2, 0)))] == [4, 2]
+
+
+def test_accumulating_micro_batches_of_unequal_fitted_counts_is_one_full_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the outlier rule leaves out a different number of tokens in each window: the step's loss
+    # is the mean over all its fitted tokens, not the mean of the micro-batches' means
+    windows, heldout = tokens(8), tokens(2, seed=4)
+    counts: list[int] = []
+
+    def counted(*args: object) -> tuple[torch.Tensor, int]:
+        total, n = token_loss_sum(*args)  # type: ignore[arg-type]
+        counts.append(n)
+        return total, n
+
+    monkeypatch.setattr("layerprune.recovery.replace.token_loss_sum", counted)
+    modules, losses = [], []
+    for batch_size, batch_tokens in ((4, None), (1, 4 * 24)):
+        model = load("tiny_llama").model
+        step = LayerReplacement(kind="ffn_residual", batch_size=batch_size,
+                                batch_tokens=batch_tokens, tokens=2 * 96, lr=1e-2,
+                                warmup_ratio=0.0, exclude_positions=[], exclude_outliers=1.3,
+                                progress=False)  # fmt: skip
+        report = step(model, [1, 2], windows, heldout=heldout)
+        modules.append(decoder_stack(model).layers[1].state_dict())
+        losses.append(report.final_loss)
+    full, micro = counts[:2], counts[2:]
+    assert len(set(micro)) > 1 and sum(micro[:4]) == full[0] and sum(micro[4:]) == full[1]
+    for name, value in modules[0].items():  # Adam's 1 / sqrt(v) magnifies float32 rounding
+        torch.testing.assert_close(modules[1][name], value, atol=1e-5, rtol=1e-4)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
 def test_shuffled_batches_cover_every_window_once_per_pass() -> None:

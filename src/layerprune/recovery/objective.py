@@ -86,26 +86,39 @@ class TokenFilter:
         }
 
 
+def token_loss_sum(
+    loss: str, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """The sum over the tokens in ``mask`` of the per-token loss, in float32, and their number.
+
+    ``mse``: ||p - y||^2 / d; ``nmse``: ||p - y||^2 / ||y||^2, each token's error relative to
+    its own target, so a token of norm 24,000 weighs no more than one of norm 120; ``cosine``:
+    1 - cos(p, y). A training step divides the sum over its micro-batches by their total count,
+    so that its loss is the mean over its fitted tokens however they fall into micro-batches.
+    """
+    if loss not in TOKEN_LOSSES:
+        raise LayerpruneError(f"unknown token loss '{loss}'; allowed: {', '.join(TOKEN_LOSSES)}")
+    pred, target = pred.float(), target.float()
+    count = int(mask.sum())
+    if not count:
+        return pred.sum() * 0.0, 0  # no token to fit in this batch: no gradient, no NaN
+    p, y = pred[mask], target[mask]
+    if loss == "mse":
+        per_token = (p - y).pow(2).mean(-1)
+    elif loss == "nmse":
+        per_token = (p - y).pow(2).sum(-1) / y.pow(2).sum(-1).clamp_min(TINY)
+    else:
+        per_token = 1 - F.cosine_similarity(p, y, dim=-1)
+    return per_token.sum(), count
+
+
 def token_loss(
     loss: str, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Mean over the tokens in ``mask`` of the per-token loss, in float32.
-
-    ``mse``: ||p - y||^2 / d (``F.mse_loss`` over the kept tokens); ``nmse``: ||p - y||^2 /
-    ||y||^2, each token's error relative to its own target, so a token of norm 24,000 weighs no
-    more than one of norm 120; ``cosine``: 1 - cos(p, y).
-    """
-    pred, target = pred.float(), target.float()
-    if not bool(mask.any()):
-        return pred.sum() * 0.0  # no token to fit in this batch: no gradient, no NaN
-    p, y = pred[mask], target[mask]
-    if loss == "mse":
-        return F.mse_loss(p, y)
-    if loss == "nmse":
-        return ((p - y).pow(2).sum(-1) / y.pow(2).sum(-1).clamp_min(TINY)).mean()
-    if loss == "cosine":
-        return (1 - F.cosine_similarity(p, y, dim=-1)).mean()
-    raise LayerpruneError(f"unknown token loss '{loss}'; allowed: {', '.join(TOKEN_LOSSES)}")
+    """Mean over the tokens in ``mask`` of the per-token loss (see :func:`token_loss_sum`);
+    ``mse`` is ``F.mse_loss`` over the kept tokens."""
+    total, count = token_loss_sum(loss, pred, target, mask)
+    return total / max(1, count)
 
 
 Predictor = Callable[[BlockBatch], torch.Tensor]

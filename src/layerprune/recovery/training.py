@@ -179,14 +179,17 @@ class TrainResult:
 def optimise(
     params: Iterable[nn.Parameter],
     batches: Iterator[object],
-    loss_fn: Callable[[object], torch.Tensor],
+    loss_fn: Callable[[object], tuple[torch.Tensor, int]],
     budget: Budget,
     schedule: Schedule,
     name: str,
     progress: bool = True,
 ) -> TrainResult:
-    """``budget.steps`` AdamW steps, each on the mean gradient of ``budget.accumulation``
-    micro-batches drawn from ``batches``."""
+    """``budget.steps`` AdamW steps over ``budget.accumulation`` micro-batches each, drawn from
+    ``batches``. ``loss_fn`` gives a micro-batch's summed token loss and its number of tokens;
+    a step's loss is the sum over its micro-batches divided by their total count, the mean over
+    the step's tokens (a micro-batch with fewer fitted tokens weighs less, one with none adds
+    nothing)."""
     params = list(params)
     optimizer = torch.optim.AdamW(
         params, lr=schedule.lr, weight_decay=schedule.weight_decay, betas=schedule.betas
@@ -197,24 +200,35 @@ def optimise(
     )
     bar = tqdm(range(total), desc=f"recovery {name}", unit="step", disable=not progress)
     started, loss_value = time.perf_counter(), math.nan
+    scale = budget.step_tokens  # keeps the accumulated gradients near the mean's magnitude
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
-        loss_value = 0.0
+        loss_sum, count = 0.0, 0
         for _ in range(budget.accumulation):
-            loss = loss_fn(next(batches))
+            loss, n = loss_fn(next(batches))
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise LayerpruneError(
                     f"recovery '{name}': the loss became {value} at step {step + 1} of {total}; "
                     f"the model is left unchanged (try a lower lr than {schedule.lr:g})"
                 )
-            (loss / budget.accumulation).backward()
-            loss_value += value / budget.accumulation
+            (loss / scale).backward()
+            loss_sum += value
+            count += n
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale / max(1, count))
+        loss_value = loss_sum / max(1, count)
         torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
         optimizer.step()
         scheduler.step()
         bar.set_postfix(loss=f"{loss_value:.4g}")
     return TrainResult(total, loss_value, time.perf_counter() - started, budget.tokens)
+
+
+def predicted_tokens(ids: torch.Tensor) -> int:
+    """Tokens a causal LM loss averages over in windows ``ids`` (all but each window's first)."""
+    return ids.shape[0] * (ids.shape[1] - 1)
 
 
 def split_heldout(
