@@ -24,7 +24,7 @@ from layerprune.recovery import (
     MLPReplacement,
     TokenFilter,
 )
-from layerprune.recovery.activations import Streamed, in_order
+from layerprune.recovery.activations import Streamed, block_batch, in_order
 from layerprune.recovery.checkpoint import _module
 from layerprune.recovery.modules import build_replacement
 from layerprune.recovery.objective import token_loss, token_loss_sum
@@ -191,7 +191,27 @@ def test_linear_reports_heldout_figures_against_plain_removal() -> None:
     assert report.heldout_cosine_after_fitted == pytest.approx(cos(after, flat), **close)
     assert report.heldout_mse_before == report.heldout_mse_identity  # T = I is plain removal
     assert (report.heldout_tokens, report.heldout_fitted_tokens) == (3 * 24, 3 * 23)
-    assert (report.train_windows, report.train_tokens) == (10, 10 * 24)
+    assert (report.train_windows, report.train_tokens) == (10, 10 * 23)  # fitted tokens
+    assert report.settings["tokens"] == 10 * 23
+
+
+def test_linear_after_figures_are_those_of_the_folded_model_in_its_dtype() -> None:
+    model, train, heldout = load("tiny_llama").model, tokens(10), tokens(3, seed=7)
+    model.to(torch.bfloat16)
+    h_out = block_batch(model, START, SIZE, heldout).h_out.double()
+    step = LinearReplacement(exclude_positions=[0], progress=False)
+    transform, _ = step.fit(model, START, SIZE, train)
+    batch = block_batch(
+        model, START, SIZE, heldout, {"m": decoder_stack(model).mlp_out(START - 1, "linear")}
+    )
+    m = batch.taps["m"].double()  # the float64 map would give:
+    exact = float(((batch.h_in.double() - m + m @ transform - h_out) ** 2).mean())
+    report = step(model, [START, START + 1], train, heldout=heldout)
+    pruned = block_batch(model, START, 1, heldout).h_in.double()  # what the model now computes
+    assert report.heldout_mse_after == pytest.approx(
+        float(((pruned - h_out) ** 2).mean()), rel=1e-9
+    )
+    assert report.heldout_mse_after != pytest.approx(exact, rel=1e-5)  # the fold's rounding
 
 
 # --- budgets in tokens ----------------------------------------------------------------------
