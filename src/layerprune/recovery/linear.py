@@ -84,6 +84,7 @@ class LinearReplacement(TokenFilter, CacheSettings):
     prunes: ClassVar[bool] = True
     contiguous: ClassVar[bool] = True
     layers_added: ClassVar[int] = 0
+    first_start: ClassVar[int] = 1  # T is folded into the layer before the block
 
     loss: str = "mse"  # mse (least squares) | nmse (per-token normalised) | cosine (Adam)
     ridge: float = 0.0  # pull toward the identity, relative to the Gram matrix's mean eigenvalue
