@@ -55,9 +55,11 @@ def test_token_filter_by_position_and_by_a_hand_computed_outlier() -> None:
     h_out = torch.ones(2, 5, 3)  # update norm sqrt(3) everywhere...
     h_out[0, 3] = 100.0  # ...but one token of window 0: norm 173 = 100 x the window median
     h_out[1, 1] = 2.0  # norm 3.46 = 2 x the median: no outlier for k = 10
-    rule = TokenFilter(exclude_positions=[0, 7], exclude_outliers=10.0)
+    rule = TokenFilter(exclude_positions=[0], exclude_outliers=10.0)
     expected = torch.tensor([[0, 1, 1, 0, 1], [0, 1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(rule.fitted(h_in, h_out), expected)
+    with pytest.raises(LayerpruneError, match=r"\[0, 7\]; allowed: positions < 5"):
+        TokenFilter(exclude_positions=[0, 7]).fitted(h_in, h_out)  # never silently ignored
     for loss in ("nmse", "cosine", "lm"):  # every token weighs alike: none left out by default
         assert TokenFilter(loss=loss).fitted(h_in, h_out).all()
     assert TokenFilter().positions_left_out == [0]  # mse: the sink at position 0

@@ -213,6 +213,7 @@ class LinearReplacement(TokenFilter, CacheSettings):
         down = _down_projection(model, start - 1)
         # a fit needs no full batch: one training window will do
         train, heldout = split_heldout(windows, heldout, self.heldout_fraction, 1, "linear")
+        self.check_positions(min(train.shape[1], heldout.shape[1]), "linear")
         started = time.perf_counter()
         transform, n_fitted = self.fit(model, start, size, train, cache_dir)
         seconds = time.perf_counter() - started

@@ -46,8 +46,11 @@ class TokenFilter:
     exclude_outliers: float | None = None
 
     def check_filter(self, step: str) -> None:
-        given = self.exclude_positions or []
-        if any(not isinstance(p, int) or p < 0 for p in given):
+        given = self.exclude_positions
+        if given is not None and (
+            not isinstance(given, (list, tuple))
+            or any(not isinstance(p, int) or isinstance(p, bool) or p < 0 for p in given)
+        ):
             raise LayerpruneError(
                 f"recovery '{step}': exclude_positions {self.exclude_positions}; allowed: null "
                 "or positions >= 0 (e.g. [0] for the BOS token)"
@@ -56,6 +59,15 @@ class TokenFilter:
             raise LayerpruneError(
                 f"recovery '{step}': exclude_outliers {self.exclude_outliers}; allowed: null or "
                 "a factor > 1 of the window's median update norm"
+            )
+
+    def check_positions(self, seq_len: int, step: str | None = None) -> None:
+        """Refuse positions the windows do not have, before any work (none is ignored)."""
+        if any(p >= seq_len for p in self.positions_left_out):
+            named = f"recovery '{step}': " if step else ""
+            raise LayerpruneError(
+                f"{named}exclude_positions {self.exclude_positions}; allowed: positions < "
+                f"{seq_len}, the length of the windows"
             )
 
     @property
@@ -70,9 +82,9 @@ class TokenFilter:
 
     def fitted(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
         """``(windows, positions)`` bool: the tokens the objective counts."""
+        self.check_positions(h_in.shape[1])
         keep = torch.ones(h_in.shape[:2], dtype=torch.bool, device=h_in.device)
-        positions = [p for p in self.positions_left_out if p < h_in.shape[1]]
-        keep[:, positions] = False
+        keep[:, self.positions_left_out] = False
         if self.exclude_outliers is not None:
             update = (h_out.float() - h_in.float()).norm(dim=-1)
             median = update.median(dim=1, keepdim=True).values

@@ -122,6 +122,7 @@ class LayerReplacement(Training, TokenFilter, CacheSettings):
         cache_dir: str | None = None,
     ) -> RecoveryReport:
         """Replace the block ``removed`` of the dense ``model`` in place by a trained module."""
+        self.check_positions(min(train.shape[1], heldout.shape[1]), self.kind)
         start, size = contiguous_block(removed, self.kind)
         stack = decoder_stack(model)
         dtype = next(model.parameters()).dtype
