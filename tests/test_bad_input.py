@@ -31,6 +31,7 @@ EARLY = [
     ("sparsity_unit=blocks", "sparsity_unit: blocks; allowed: layers, layer_ratio, param_ratio"),
     ("seed=-1", "seed: -1; allowed: an integer >= 0"),
     ("seed=abc", "seed: abc; allowed: an integer >= 0"),
+    ("++first_start=-1", "first_start: -1; allowed: an integer >= 0"),
     ("save_model=maybe", "save_model: maybe; allowed: true, false"),
     ("scoring.batch_size=0", "scoring.batch_size: 0; allowed: an integer >= 1"),
     ("scoring.convention=bogus", "scoring.convention: bogus; allowed: residual, hf_hidden_states"),

@@ -105,6 +105,7 @@ class Job:
     save_model: bool = False
     force: bool = False
     window_lengths: dict[str, int] = field(default_factory=dict)  # config key -> tokens
+    first_start: int = 0  # `++first_start`: the earliest start of a contiguous block (controls)
 
     def lengths(self) -> dict[str, int]:
         """Every window length the model must accept (checked after loading, by config key)."""
@@ -280,7 +281,12 @@ def run(job: Job, out: Path) -> dict[str, Any]:
         )
     scores_hit = scores_hit and measured_hit
     plan = plan_for(
-        loaded, measured or stats, job.scorer, job.sparsity, layers_added, job.recovery.first_start
+        loaded,
+        measured or stats,
+        job.scorer,
+        job.sparsity,
+        layers_added,
+        max(job.first_start, job.recovery.first_start),
     )
     job.evaluator.dense(loaded, timer.stage)
     with timer.stage("prune_recover"):

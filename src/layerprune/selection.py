@@ -74,6 +74,7 @@ class Plan:
     params_after: int
     importance: list[float]
     layers_added: int = 0  # modules a recovery puts back in place of the block (LLM-Streamline)
+    first_start: int = 0  # the earliest layer the contiguous block could start at
 
     @property
     def params_removed(self) -> int:
@@ -158,4 +159,5 @@ def make_plan(
         params_after=total_params - sum(layer_params[i] for i in removed),
         importance=importance,
         layers_added=layers_added,
+        first_start=first_start,
     )

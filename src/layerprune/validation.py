@@ -440,6 +440,8 @@ def check_config(cfg: Config) -> None:
     """Everything the config alone decides; raises on the first bad value."""
     check_sparsity(cfg)
     integer(cfg, "seed", 0)
+    if has(cfg, "first_start"):  # set by a control of the linear fold, not in config.yaml
+        integer(cfg, "first_start", 0)
     for key in FLAGS:
         if has(cfg, key):
             flag(cfg, key)
