@@ -7,7 +7,7 @@ sets memory, ``batch_tokens`` the optimisation). LLM-Streamline's code takes 8 w
 accumulation steps x 2048 tokens = 262,144 tokens per step.
 
 Defaults take LLM-Streamline's stated settings: AdamW (lr 2e-4, weight decay 1e-3), linear
-warmup over the first 5% of optimiser steps, then cosine decay to 5e-5 at the last step. That
+warmup over the first 5% of optimiser steps, then cosine decay toward 5e-5 over the rest. That
 is the schedule as stated, not what their code effectively runs: train_lightweightnetwork.py
 sizes its scheduler in micro-batches (warmup 0.5% and total 50% of them) but steps it once per
 optimiser step (every 16 micro-batches), so its warmup spans about 8% of the optimiser steps and
@@ -44,8 +44,9 @@ class Schedule:
 
     def factor(self, step: int, total: int) -> float:
         """Multiplier of ``lr`` before optimiser step ``step`` (0-based) of ``total``: linear
-        warmup over ``ceil(warmup_ratio * total)`` steps, then a half cosine from 1 down to
-        ``min_lr / lr`` at the last step (see the module's note on LLM-Streamline's code)."""
+        warmup over ``ceil(warmup_ratio * total)`` steps, then a half cosine from 1 toward
+        ``min_lr / lr``, reached after the last step (see the module's note on LLM-Streamline's
+        code)."""
         warmup = math.ceil(self.warmup_ratio * total)
         if step < warmup:
             return (step + 1) / warmup
