@@ -31,6 +31,7 @@ EARLY = [
     ("sparsity_unit=blocks", "sparsity_unit: blocks; allowed: layers, layer_ratio, param_ratio"),
     ("seed=-1", "seed: -1; allowed: an integer >= 0"),
     ("seed=abc", "seed: abc; allowed: an integer >= 0"),
+    ("++first_start=-1", "first_start: -1; allowed: an integer >= 0"),
     ("save_model=maybe", "save_model: maybe; allowed: true, false"),
     ("scoring.batch_size=0", "scoring.batch_size: 0; allowed: an integer >= 1"),
     ("scoring.convention=bogus", "scoring.convention: bogus; allowed: residual, hf_hidden_states"),
@@ -86,6 +87,16 @@ EARLY = [
     ("scorer=streamline recovery=layer recovery.steps.replace.exclude_positions=[-1]",
      "recovery.steps.replace.exclude_positions: [-1]; allowed: null (the loss's default) or a "
      "list of positions >= 0"),
+    ("scorer=streamline recovery=layer recovery.steps.replace.exclude_positions=0",
+     "recovery.steps.replace.exclude_positions: 0; allowed: null (the loss's default) or a "
+     "list of positions >= 0"),
+    ("scorer=streamline recovery=layer recovery.steps.replace.exclude_positions=[0,512]",
+     "recovery.steps.replace.exclude_positions: [0, 512]; allowed: positions < "
+     "recovery.train_data.seq_len = 512, the length of the training windows"),
+    ("scorer=streamline recovery=linear recovery.train_data.seq_len=64 "
+     "recovery.steps.linear.exclude_positions=[64]",
+     "recovery.steps.linear.exclude_positions: [64]; allowed: positions < "
+     "recovery.train_data.seq_len = 64"),
     ("scorer=streamline recovery=layer recovery.steps.replace.exclude_outliers=0.5",
      "recovery.steps.replace.exclude_outliers: 0.5; allowed: null or a factor > 1"),
     ("scorer=streamline recovery=layer_lm recovery.steps.replace.exclude_positions=[0]",
@@ -348,3 +359,42 @@ def test_a_criterion_refuses_layers_fed_per_window_inputs_before_scoring() -> No
     ), str(err.value)
     # Taylor+ runs the model whole: nothing to refuse
     check_model(loaded, Sparsity(1, "layers"), Recovery({}, None), lengths, TaylorPlus(1, 1))
+
+
+@pytest.mark.parametrize(
+    ("positions", "message"),
+    [
+        (0, "recovery 'linear': exclude_positions 0; allowed: null or positions >= 0"),
+        ([True], "recovery 'linear': exclude_positions [True]; allowed: null or positions >= 0"),
+    ],
+)
+def test_a_step_refuses_positions_that_are_not_a_list_in_one_line(
+    positions: Any, message: str
+) -> None:
+    from layerprune.recovery import LinearReplacement
+
+    with pytest.raises(LayerpruneError) as err:
+        LinearReplacement(exclude_positions=positions)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_a_step_refuses_positions_beyond_its_windows_before_any_work() -> None:
+    from layerprune.layers import decoder_stack
+    from layerprune.recovery import LayerReplacement, LinearReplacement
+
+    from .conftest import load
+
+    model = load("tiny_llama").model
+    windows = torch.randint(3, 250, (12, 24), generator=torch.Generator().manual_seed(0))
+    steps = {
+        "linear": LinearReplacement(exclude_positions=[0, 24]),
+        "layer": LayerReplacement(exclude_positions=[24], batch_size=2),
+    }
+    for name, step in steps.items():
+        with pytest.raises(LayerpruneError) as err:
+            step(model, [2, 3], windows)
+        assert str(err.value) == (
+            f"recovery '{name}': exclude_positions {step.exclude_positions}; allowed: "
+            "positions < 24, the length of the windows"
+        )
+    assert len(decoder_stack(model).layers) == 6  # nothing removed

@@ -102,3 +102,16 @@ def test_train_tokens_of_runs_recorded_before_the_count(tmp_path: Path) -> None:
     record["recovery"] = [linear]
     assert train_tokens(record) == 4096
     assert control_overrides(run)[-1] == "++method=removal"
+
+
+def test_the_control_of_the_linear_fold_keeps_the_block_off_layer_0(tmp_path: Path) -> None:
+    folder = recovered(tmp_path, "linear", [1, 2], ppl=1.0)
+    record = json.loads((folder / "metrics.json").read_text())
+    record["plan"]["first_start"] = 1  # the fold needs the layer before its block
+    (folder / "metrics.json").write_text(json.dumps(record))
+    overrides = folder / ".hydra" / "overrides.yaml"
+    overrides.write_text(overrides.read_text() + "- ++first_start=1\n")
+    (run,) = load_runs([tmp_path])
+    assert control_overrides(run)[-3:] == ["sparsity_unit=layers", "++first_start=1",
+                                           "++method=removal"]  # fmt: skip
+    assert control_overrides(run).count("++first_start=1") == 1

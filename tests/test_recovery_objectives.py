@@ -24,10 +24,10 @@ from layerprune.recovery import (
     MLPReplacement,
     TokenFilter,
 )
-from layerprune.recovery.activations import in_order
+from layerprune.recovery.activations import Streamed, block_batch, in_order
 from layerprune.recovery.checkpoint import _module
 from layerprune.recovery.modules import build_replacement
-from layerprune.recovery.objective import token_loss
+from layerprune.recovery.objective import token_loss, token_loss_sum
 from layerprune.recovery.training import Training, shuffled
 
 from .conftest import MIRROR, load
@@ -55,9 +55,11 @@ def test_token_filter_by_position_and_by_a_hand_computed_outlier() -> None:
     h_out = torch.ones(2, 5, 3)  # update norm sqrt(3) everywhere...
     h_out[0, 3] = 100.0  # ...but one token of window 0: norm 173 = 100 x the window median
     h_out[1, 1] = 2.0  # norm 3.46 = 2 x the median: no outlier for k = 10
-    rule = TokenFilter(exclude_positions=[0, 7], exclude_outliers=10.0)
+    rule = TokenFilter(exclude_positions=[0], exclude_outliers=10.0)
     expected = torch.tensor([[0, 1, 1, 0, 1], [0, 1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(rule.fitted(h_in, h_out), expected)
+    with pytest.raises(LayerpruneError, match=r"\[0, 7\]; allowed: positions < 5"):
+        TokenFilter(exclude_positions=[0, 7]).fitted(h_in, h_out)  # never silently ignored
     for loss in ("nmse", "cosine", "lm"):  # every token weighs alike: none left out by default
         assert TokenFilter(loss=loss).fitted(h_in, h_out).all()
     assert TokenFilter().positions_left_out == [0]  # mse: the sink at position 0
@@ -191,7 +193,27 @@ def test_linear_reports_heldout_figures_against_plain_removal() -> None:
     assert report.heldout_cosine_after_fitted == pytest.approx(cos(after, flat), **close)
     assert report.heldout_mse_before == report.heldout_mse_identity  # T = I is plain removal
     assert (report.heldout_tokens, report.heldout_fitted_tokens) == (3 * 24, 3 * 23)
-    assert (report.train_windows, report.train_tokens) == (10, 10 * 24)
+    assert (report.train_windows, report.train_tokens) == (10, 10 * 23)  # fitted tokens
+    assert report.settings["tokens"] == 10 * 23
+
+
+def test_linear_after_figures_are_those_of_the_folded_model_in_its_dtype() -> None:
+    model, train, heldout = load("tiny_llama").model, tokens(10), tokens(3, seed=7)
+    model.to(torch.bfloat16)
+    h_out = block_batch(model, START, SIZE, heldout).h_out.double()
+    step = LinearReplacement(exclude_positions=[0], progress=False)
+    transform, _ = step.fit(model, START, SIZE, train)
+    batch = block_batch(
+        model, START, SIZE, heldout, {"m": decoder_stack(model).mlp_out(START - 1, "linear")}
+    )
+    m = batch.taps["m"].double()  # the float64 map would give:
+    exact = float(((batch.h_in.double() - m + m @ transform - h_out) ** 2).mean())
+    report = step(model, [START, START + 1], train, heldout=heldout)
+    pruned = block_batch(model, START, 1, heldout).h_in.double()  # what the model now computes
+    assert report.heldout_mse_after == pytest.approx(
+        float(((pruned - h_out) ** 2).mean()), rel=1e-9
+    )
+    assert report.heldout_mse_after != pytest.approx(exact, rel=1e-5)  # the fold's rounding
 
 
 # --- budgets in tokens ----------------------------------------------------------------------
@@ -251,6 +273,37 @@ def test_accumulating_two_half_batches_is_one_full_batch() -> None:
     for name, value in modules[0].items():
         torch.testing.assert_close(modules[1][name], value, atol=1e-6, rtol=1e-5)
     assert [len(b) for b in (next(shuffled(8, 4, 0)), next(shuffled(8, 2, 0)))] == [4, 2]
+
+
+def test_accumulating_micro_batches_of_unequal_fitted_counts_is_one_full_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the outlier rule leaves out a different number of tokens in each window: the step's loss
+    # is the mean over all its fitted tokens, not the mean of the micro-batches' means
+    windows, heldout = tokens(8), tokens(2, seed=4)
+    counts: list[int] = []
+
+    def counted(*args: object) -> tuple[torch.Tensor, int]:
+        total, n = token_loss_sum(*args)  # type: ignore[arg-type]
+        counts.append(n)
+        return total, n
+
+    monkeypatch.setattr("layerprune.recovery.replace.token_loss_sum", counted)
+    modules, losses = [], []
+    for batch_size, batch_tokens in ((4, None), (1, 4 * 24)):
+        model = load("tiny_llama").model
+        step = LayerReplacement(kind="ffn_residual", batch_size=batch_size,
+                                batch_tokens=batch_tokens, tokens=2 * 96, lr=1e-2,
+                                warmup_ratio=0.0, exclude_positions=[], exclude_outliers=1.3,
+                                progress=False)  # fmt: skip
+        report = step(model, [1, 2], windows, heldout=heldout)
+        modules.append(decoder_stack(model).layers[1].state_dict())
+        losses.append(report.final_loss)
+    full, micro = counts[:2], counts[2:]
+    assert len(set(micro)) > 1 and sum(micro[:4]) == full[0] and sum(micro[4:]) == full[1]
+    for name, value in modules[0].items():  # Adam's 1 / sqrt(v) magnifies float32 rounding
+        torch.testing.assert_close(modules[1][name], value, atol=1e-5, rtol=1e-4)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
 def test_shuffled_batches_cover_every_window_once_per_pass() -> None:
@@ -324,18 +377,19 @@ def test_the_cache_is_written_once_and_checked_when_read(
 ) -> None:
     model, windows = load("tiny_llama").model, tokens(6)
     cache = ActivationCache(tmp_path, "float32")
+    streamed = Streamed(model, START, SIZE, windows)
+    expected = torch.cat([b.h_out for b in in_order(streamed, 4)])
+    index = torch.tensor([4, 1])
+    expected_index = streamed.batch(index).h_out
     forwards: list[int] = []
     decoder_stack(model).layers[0].register_forward_hook(lambda *_: forwards.append(1))
     first = cache.states(model, START, SIZE, windows, batch_size=4)
     assert len(forwards) == 2 + 1  # two batches, then one window for the layer's arguments
     states = cache.states(model, START, SIZE, windows, batch_size=4)
     assert len(forwards) == 3  # read, not recomputed
-    streamed = [b for b in in_order(first, 4)]
-    index = torch.tensor([4, 1])
+    torch.testing.assert_close(torch.cat([b.h_out for b in in_order(first, 4)]), expected)
     got = states.batch(index)
-    torch.testing.assert_close(
-        got.h_out, torch.cat([streamed[1].h_out[:1], streamed[0].h_out[1:2]])
-    )
+    torch.testing.assert_close(got.h_out, expected_index)
     assert torch.equal(got.input_ids, windows[index])
     (entry,) = list(tmp_path.iterdir())
     data = bytearray((entry / "h_out.bin").read_bytes())
@@ -347,5 +401,21 @@ def test_the_cache_is_written_once_and_checked_when_read(
     assert len(forwards) == 6
     with torch.no_grad():
         decoder_stack(model).layers[0].mlp.down_proj.weight.mul_(2)  # other weights: a new entry
+    cache.states(model, START, SIZE, windows, batch_size=4)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_weight_changed_through_data_gives_a_new_cache_key(tmp_path: Path) -> None:
+    # peft's LoRA merge writes ``weight.data += delta``: the tensor's version does not move
+    model, windows = load("tiny_llama").model, tokens(4)
+    cache = ActivationCache(tmp_path, "float32")
+    before = cache.key(model, START, SIZE, windows, {})
+    weight = decoder_stack(model).layers[0].mlp.down_proj.weight
+    version = weight._version
+    weight.data += 1e-3
+    assert weight._version == version
+    assert cache.key(model, START, SIZE, windows, {}) != before
+    cache.states(model, START, SIZE, windows, batch_size=4)
+    weight.data -= 1e-3
     cache.states(model, START, SIZE, windows, batch_size=4)
     assert len(list(tmp_path.iterdir())) == 2

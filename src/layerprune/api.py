@@ -88,11 +88,14 @@ def plan(
     sparsity: float,
     unit: str = "layer_ratio",
     layers_added: int = 0,
+    first_start: int = 0,
 ) -> Plan:
     """What to remove for ``sparsity`` in ``unit`` (layers, layer_ratio or param_ratio), with
     parameter counts read from the model; ``stats`` is :func:`measure`'s result for a criterion
     that measures the model. ``layers_added``: layers a recovery puts back (the
-    sparsity then counts the net removal), e.g. ``lp.LayerReplacement().layers_added``."""
+    sparsity then counts the net removal), e.g. ``lp.LayerReplacement().layers_added``.
+    ``first_start``: the earliest layer a contiguous block may start at, e.g.
+    ``lp.LinearReplacement.first_start`` (1: the fold needs the layer before the block)."""
     return make_plan(
         scorer,
         stats,
@@ -100,6 +103,7 @@ def plan(
         layer_param_counts(model.model),
         param_count(model.model),
         layers_added,
+        first_start,
     )
 
 

@@ -136,6 +136,7 @@ def job_from_config(cfg: DictConfig) -> Job:
         save_model=bool(cfg.save_model),
         force=bool(cfg.force),
         window_lengths=window_lengths(cfg),
+        first_start=int(cfg.get("first_start", 0)),
     )
 
 

@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 
 Run = dict[str, Any]
 # overrides a control drops from its recovered run: the recovery, the amount, what is written
-DROPPED = ("recovery", "sparsity", "method", "save_model", "force", "paths.", "hydra.")
+DROPPED = ("recovery", "sparsity", "method", "first_start", "save_model", "force", "paths.",
+           "hydra.")  # fmt: skip
 CONTROL = "removal"  # the controls' method label
 
 
@@ -92,15 +93,18 @@ def pair(runs: Iterable[Run]) -> list[tuple[Run, Run | None]]:
 def control_overrides(run: Run) -> list[str]:
     """The Hydra overrides of the plain removal of ``run``'s block: its own overrides (model,
     scorer, calibration, evaluation, preset) less the recovery and the amount, plus
-    ``recovery=none``, the block's size in layers and ``++method=removal``. The contiguous
-    scorer picks the block of a size from the same statistics, so it is the same block;
-    :func:`pair` checks that it is."""
+    ``recovery=none``, the block's size in layers and ``++method=removal``, and, where the
+    recovery kept the block off the first layers (the linear fold starts at layer 1 or later),
+    ``++first_start``. The contiguous scorer picks the block of a size from the same
+    statistics and starts, so it is the same block; :func:`pair` checks that it is."""
     path = Path(run["run_dir"]) / ".hydra" / "overrides.yaml"
     given = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
     assert isinstance(given, list)
     kept = [o for o in map(str, given) if not o.lstrip("+~").startswith(DROPPED)]
     size = len(_get(run, "plan.removed_layers"))
-    return [*kept, "recovery=none", f"sparsity={size}", "sparsity_unit=layers",
+    first_start = _get(run, "plan.first_start") or 0
+    pinned = [f"++first_start={first_start}"] if first_start else []
+    return [*kept, "recovery=none", f"sparsity={size}", "sparsity_unit=layers", *pinned,
             f"++method={CONTROL}"]  # fmt: skip
 
 

@@ -105,6 +105,7 @@ class Job:
     save_model: bool = False
     force: bool = False
     window_lengths: dict[str, int] = field(default_factory=dict)  # config key -> tokens
+    first_start: int = 0  # `++first_start`: the earliest start of a contiguous block (controls)
 
     def lengths(self) -> dict[str, int]:
         """Every window length the model must accept (checked after loading, by config key)."""
@@ -186,11 +187,18 @@ def plan_for(
     scorer: Scorer,
     sparsity: Sparsity,
     layers_added: int,
+    first_start: int = 0,
 ) -> Plan:
     """The plan, with the parameter counts read from the model itself."""
     model = loaded.model
     return make_plan(
-        scorer, evidence, sparsity, layer_param_counts(model), param_count(model), layers_added
+        scorer,
+        evidence,
+        sparsity,
+        layer_param_counts(model),
+        param_count(model),
+        layers_added,
+        first_start,
     )
 
 
@@ -272,7 +280,14 @@ def run(job: Job, out: Path) -> dict[str, Any]:
             loaded, job.calibration, job.scorer, k, job.scoring, job.cache_dir
         )
     scores_hit = scores_hit and measured_hit
-    plan = plan_for(loaded, measured or stats, job.scorer, job.sparsity, layers_added)
+    plan = plan_for(
+        loaded,
+        measured or stats,
+        job.scorer,
+        job.sparsity,
+        layers_added,
+        max(job.first_start, job.recovery.first_start),
+    )
     job.evaluator.dense(loaded, timer.stage)
     with timer.stage("prune_recover"):
         reports = job.recovery.apply(loaded, plan.removed_layers, train_windows)

@@ -645,9 +645,12 @@ def verdicts(average: list[Comparison], methods: list[str]) -> list[str]:
 
 
 RECOVERY_NOTE = (
-    "Each recovered run beside plain removal of the same layers (its control: the newest run "
-    "without recovery that removed them from the same model and was evaluated the same way; – "
-    "where there is none, see `python -m layerprune.controls`). Train tokens: tokens the "
+    "Each recovered run beside plain removal of the same block (its control: the newest run "
+    "without recovery that removed the same layers, all of the block's, from the same model and "
+    "was evaluated the same way; – where there is none, see `python -m layerprune.controls`). "
+    "A block replacement (layer, ffn, swiglu) keeps one added layer in place of the block, so "
+    "its model has one layer more than its control (a replaced block of n + 1 layers removes n "
+    "net, the control n + 1); the linear fold adds none. Train tokens: tokens the "
     "recovery trained or fitted on, repeats counted. MSE, cos: held-out mean squared error and "
     "mean token cosine against the dense block's output, over all tokens and over the tokens "
     "the objective fitted; plain = the block's input (plain removal). Avg, ΔAvg vs plain in %; "

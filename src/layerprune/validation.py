@@ -335,6 +335,18 @@ def check_token_filter(cfg: Config, key: str, step: Config) -> None:
                       "exclude_positions null or [] and exclude_outliers null")  # fmt: skip
 
 
+def check_positions_fit(cfg: Config, steps: dict[str, Any]) -> None:
+    """Positions left out must lie in the training windows (none is silently ignored)."""
+    seq_len = get(cfg, "recovery.train_data.seq_len")
+    for name, step in steps.items():
+        positions = step.get("exclude_positions") or []
+        if any(p >= seq_len for p in positions):
+            raise invalid(
+                f"recovery.steps.{name}.exclude_positions", positions, "positions < "
+                f"recovery.train_data.seq_len = {seq_len}, the length of the training windows",
+            )  # fmt: skip
+
+
 def check_budget(cfg: Config, steps: dict[str, Any]) -> None:
     """The budget in tokens: whole optimiser steps of whole batches of windows."""
     seq_len = get(cfg, "recovery.train_data.seq_len")
@@ -381,6 +393,7 @@ def check_recovery(cfg: Config) -> None:
             "held-out windows)",
         )  # fmt: skip
     check_budget(cfg, steps)
+    check_positions_fit(cfg, steps)
     model_type = get(cfg, "model.model_type")
     for name, step in steps.items():
         if str(step["_target_"]).endswith("LinearReplacement") and model_type in NORMED_MLP_TYPES:
@@ -428,6 +441,8 @@ def check_config(cfg: Config) -> None:
     """Everything the config alone decides; raises on the first bad value."""
     check_sparsity(cfg)
     integer(cfg, "seed", 0)
+    if has(cfg, "first_start"):  # set by a control of the linear fold, not in config.yaml
+        integer(cfg, "first_start", 0)
     for key in FLAGS:
         if has(cfg, key):
             flag(cfg, key)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,6 +39,7 @@ from layerprune.layers import decoder_stack
 from layerprune.recovery.activations import (
     BlockBatch,
     BlockStates,
+    block_batch,
     check_block,
     contiguous_block,
     in_order,
@@ -73,12 +75,16 @@ class LinearReplacement(TokenFilter, CacheSettings):
     """ReplaceMe: training-free linear map folded into the layer before the block.
 
     Gets the dense model and removes the block itself; adds no layer. The last
-    ``heldout_fraction`` of the windows is held out for the before/after figures.
+    ``heldout_fraction`` of the windows is held out for the before/after figures; "after" is
+    what the folded model computes (T folded into weights of the model's dtype), not the
+    float64 map. ``train_tokens`` and ``settings.tokens`` count the fitted tokens (times the
+    epochs for cosine).
     """
 
     prunes: ClassVar[bool] = True
     contiguous: ClassVar[bool] = True
     layers_added: ClassVar[int] = 0
+    first_start: ClassVar[int] = 1  # T is folded into the layer before the block
 
     loss: str = "mse"  # mse (least squares) | nmse (per-token normalised) | cosine (Adam)
     ridge: float = 0.0  # pull toward the identity, relative to the Gram matrix's mean eigenvalue
@@ -134,7 +140,7 @@ class LinearReplacement(TokenFilter, CacheSettings):
         """The float64 (d, d) T on CPU, and the number of tokens it was fitted on."""
         states = self._states(model, start, size, windows, cache_dir)
         if self.loss == "cosine":
-            return self._fit_cosine(states)
+            return self._fit_cosine(states, next(model.parameters()).device)
         dim = decoder_stack(model).mlp_out(start - 1, "linear").out_features
         gram = torch.zeros(dim, dim, dtype=torch.float64)
         cross = torch.zeros(dim, dim, dtype=torch.float64)
@@ -153,8 +159,9 @@ class LinearReplacement(TokenFilter, CacheSettings):
         # gelsd gives the minimum-norm solution when M^T M is singular (e.g. too few tokens).
         return torch.linalg.lstsq(gram, cross, driver="gelsd").solution, n_tokens
 
-    def _fit_cosine(self, states: BlockStates) -> tuple[torch.Tensor, int]:
-        """ReplaceMe's cosine objective: Adam on T from the identity, over tokens in bfloat16."""
+    def _fit_cosine(self, states: BlockStates, device: torch.device) -> tuple[torch.Tensor, int]:
+        """ReplaceMe's cosine objective: Adam on T from the identity, over tokens in bfloat16
+        kept on the CPU; T and each token batch live on the model's ``device``."""
         xs, ys = [], []
         for batch in in_order(states, self.batch_size):
             m, y, _ = self._pairs(batch)
@@ -163,10 +170,10 @@ class LinearReplacement(TokenFilter, CacheSettings):
         x, y = torch.cat(xs), torch.cat(ys)
         with torch.enable_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            return self._adam(x, y), len(x)
+            return self._adam(x, y, device), len(x)
 
-    def _adam(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        t = nn.Parameter(torch.eye(x.shape[1]))
+    def _adam(self, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> torch.Tensor:
+        t = nn.Parameter(torch.eye(x.shape[1], device=device))
         optimizer = torch.optim.Adam([t], lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
         epochs = tqdm(range(self.epochs), desc="recovery linear (cosine)", unit="epoch",
@@ -174,8 +181,9 @@ class LinearReplacement(TokenFilter, CacheSettings):
         for _ in epochs:
             for index in torch.randperm(len(x), generator=gen).split(self.token_batch):
                 optimizer.zero_grad(set_to_none=True)
-                pred = x[index].float() @ t
-                loss = (1 - F.cosine_similarity(pred, y[index].float(), dim=-1)).mean()
+                pred = x[index].to(device).float() @ t
+                target = y[index].to(device).float()
+                loss = (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise LayerpruneError(
@@ -184,7 +192,7 @@ class LinearReplacement(TokenFilter, CacheSettings):
                     )
                 loss.backward()
                 optimizer.step()
-        return t.detach().double()
+        return t.detach().double().cpu()
 
     def __call__(
         self,
@@ -205,22 +213,38 @@ class LinearReplacement(TokenFilter, CacheSettings):
         down = _down_projection(model, start - 1)
         # a fit needs no full batch: one training window will do
         train, heldout = split_heldout(windows, heldout, self.heldout_fraction, 1, "linear")
+        self.check_positions(min(train.shape[1], heldout.shape[1]), "linear")
         started = time.perf_counter()
         transform, n_fitted = self.fit(model, start, size, train, cache_dir)
         seconds = time.perf_counter() - started
         t = transform.to(device=down.weight.device)
+        params = [p for p in (down.weight, down.bias) if p is not None]
+        with torch.no_grad():
+            dense = [p.detach().clone() for p in params]
+            folded = [(t.T @ down.weight.double()).to(down.weight.dtype)]
+            if down.bias is not None:
+                folded.append((down.bias.double() @ t).to(down.bias.dtype))
 
-        def folded(batch: BlockBatch) -> torch.Tensor:
-            m = _mlp_output(batch).double()
-            return batch.h_in.double() - m + m @ t
+        def use(values: list[torch.Tensor]) -> None:
+            with torch.no_grad():
+                for p, value in zip(params, values, strict=True):
+                    p.copy_(value)
+
+        def with_fold(batches: Iterator[BlockBatch]) -> Iterator[BlockBatch]:
+            """The dense held-out states, each with what the folded model feeds the layer after
+            the block: T in the model's dtype, computed by the model itself."""
+            for batch in batches:  # drawn from the dense model (or its cache)
+                use(folded)
+                try:
+                    batch.taps["folded"] = block_batch(model, start, 1, batch.input_ids).h_in
+                finally:
+                    use(dense)
+                yield batch
 
         held = self._states(model, start, size, heldout, cache_dir)
-        fns = {"identity": lambda b: b.h_in, "after": folded}
-        fits, n_held_fitted = heldout_fit(in_order(held, self.batch_size), fns, self)
-        with torch.no_grad():
-            down.weight.copy_((t.T @ down.weight.double()).to(down.weight.dtype))
-            if down.bias is not None:
-                down.bias.copy_((down.bias.double() @ t).to(down.bias.dtype))
+        fns = {"identity": lambda b: b.h_in, "after": lambda b: b.taps["folded"]}
+        fits, n_held_fitted = heldout_fit(with_fold(in_order(held, self.batch_size)), fns, self)
+        use(folded)
         block = decoder_stack(model).layers[start : start + size]
         passes = self.epochs if self.loss == "cosine" else 1
         report = RecoveryReport(
@@ -228,7 +252,7 @@ class LinearReplacement(TokenFilter, CacheSettings):
             block_start=start,
             block_size=size,
             params_removed=sum(p.numel() for layer in block for p in layer.parameters()),
-            train_tokens=passes * train.numel(),
+            train_tokens=passes * n_fitted,
             train_time_s=seconds,
             train_windows=len(train),
             heldout_windows=len(heldout),

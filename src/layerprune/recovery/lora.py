@@ -20,6 +20,7 @@ from layerprune.recovery.training import (
     Training,
     lm_loss,
     optimise,
+    predicted_tokens,
     token_batches,
 )
 
@@ -80,9 +81,10 @@ class LoraHealing(Training):
         device = next(model.parameters()).device
         batches = token_batches(train, self.batch_size, self.seed, device)
 
-        def loss_fn(batch: object) -> torch.Tensor:
+        def loss_fn(batch: object) -> tuple[torch.Tensor, int]:
             assert isinstance(batch, torch.Tensor)
-            return peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+            n = predicted_tokens(batch)
+            return peft_model(input_ids=batch, labels=batch, use_cache=False).loss * n, n
 
         params = [p for p in peft_model.parameters() if p.requires_grad]
         peft_model.train()

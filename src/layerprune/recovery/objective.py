@@ -46,8 +46,11 @@ class TokenFilter:
     exclude_outliers: float | None = None
 
     def check_filter(self, step: str) -> None:
-        given = self.exclude_positions or []
-        if any(not isinstance(p, int) or p < 0 for p in given):
+        given = self.exclude_positions
+        if given is not None and (
+            not isinstance(given, (list, tuple))
+            or any(not isinstance(p, int) or isinstance(p, bool) or p < 0 for p in given)
+        ):
             raise LayerpruneError(
                 f"recovery '{step}': exclude_positions {self.exclude_positions}; allowed: null "
                 "or positions >= 0 (e.g. [0] for the BOS token)"
@@ -56,6 +59,15 @@ class TokenFilter:
             raise LayerpruneError(
                 f"recovery '{step}': exclude_outliers {self.exclude_outliers}; allowed: null or "
                 "a factor > 1 of the window's median update norm"
+            )
+
+    def check_positions(self, seq_len: int, step: str | None = None) -> None:
+        """Refuse positions the windows do not have, before any work (none is ignored)."""
+        if any(p >= seq_len for p in self.positions_left_out):
+            named = f"recovery '{step}': " if step else ""
+            raise LayerpruneError(
+                f"{named}exclude_positions {self.exclude_positions}; allowed: positions < "
+                f"{seq_len}, the length of the windows"
             )
 
     @property
@@ -70,9 +82,9 @@ class TokenFilter:
 
     def fitted(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
         """``(windows, positions)`` bool: the tokens the objective counts."""
+        self.check_positions(h_in.shape[1])
         keep = torch.ones(h_in.shape[:2], dtype=torch.bool, device=h_in.device)
-        positions = [p for p in self.positions_left_out if p < h_in.shape[1]]
-        keep[:, positions] = False
+        keep[:, self.positions_left_out] = False
         if self.exclude_outliers is not None:
             update = (h_out.float() - h_in.float()).norm(dim=-1)
             median = update.median(dim=1, keepdim=True).values
@@ -86,26 +98,39 @@ class TokenFilter:
         }
 
 
+def token_loss_sum(
+    loss: str, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """The sum over the tokens in ``mask`` of the per-token loss, in float32, and their number.
+
+    ``mse``: ||p - y||^2 / d; ``nmse``: ||p - y||^2 / ||y||^2, each token's error relative to
+    its own target, so a token of norm 24,000 weighs no more than one of norm 120; ``cosine``:
+    1 - cos(p, y). A training step divides the sum over its micro-batches by their total count,
+    so that its loss is the mean over its fitted tokens however they fall into micro-batches.
+    """
+    if loss not in TOKEN_LOSSES:
+        raise LayerpruneError(f"unknown token loss '{loss}'; allowed: {', '.join(TOKEN_LOSSES)}")
+    pred, target = pred.float(), target.float()
+    count = int(mask.sum())
+    if not count:
+        return pred.sum() * 0.0, 0  # no token to fit in this batch: no gradient, no NaN
+    p, y = pred[mask], target[mask]
+    if loss == "mse":
+        per_token = (p - y).pow(2).mean(-1)
+    elif loss == "nmse":
+        per_token = (p - y).pow(2).sum(-1) / y.pow(2).sum(-1).clamp_min(TINY)
+    else:
+        per_token = 1 - F.cosine_similarity(p, y, dim=-1)
+    return per_token.sum(), count
+
+
 def token_loss(
     loss: str, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Mean over the tokens in ``mask`` of the per-token loss, in float32.
-
-    ``mse``: ||p - y||^2 / d (``F.mse_loss`` over the kept tokens); ``nmse``: ||p - y||^2 /
-    ||y||^2, each token's error relative to its own target, so a token of norm 24,000 weighs no
-    more than one of norm 120; ``cosine``: 1 - cos(p, y).
-    """
-    pred, target = pred.float(), target.float()
-    if not bool(mask.any()):
-        return pred.sum() * 0.0  # no token to fit in this batch: no gradient, no NaN
-    p, y = pred[mask], target[mask]
-    if loss == "mse":
-        return F.mse_loss(p, y)
-    if loss == "nmse":
-        return ((p - y).pow(2).sum(-1) / y.pow(2).sum(-1).clamp_min(TINY)).mean()
-    if loss == "cosine":
-        return (1 - F.cosine_similarity(p, y, dim=-1)).mean()
-    raise LayerpruneError(f"unknown token loss '{loss}'; allowed: {', '.join(TOKEN_LOSSES)}")
+    """Mean over the tokens in ``mask`` of the per-token loss (see :func:`token_loss_sum`);
+    ``mse`` is ``F.mse_loss`` over the kept tokens."""
+    total, count = token_loss_sum(loss, pred, target, mask)
+    return total / max(1, count)
 
 
 Predictor = Callable[[BlockBatch], torch.Tensor]

@@ -30,13 +30,14 @@ from layerprune.recovery.activations import (
 )
 from layerprune.recovery.cache import CacheSettings
 from layerprune.recovery.modules import KINDS, Float32, build_replacement
-from layerprune.recovery.objective import TOKEN_LOSSES, TokenFilter, heldout_fit, token_loss
+from layerprune.recovery.objective import TOKEN_LOSSES, TokenFilter, heldout_fit, token_loss_sum
 from layerprune.recovery.report import RecoveryReport, record_recovery
 from layerprune.recovery.training import (
     Budget,
     Training,
     TrainResult,
     optimise,
+    predicted_tokens,
     shuffled,
     token_batches,
 )
@@ -121,6 +122,7 @@ class LayerReplacement(Training, TokenFilter, CacheSettings):
         cache_dir: str | None = None,
     ) -> RecoveryReport:
         """Replace the block ``removed`` of the dense ``model`` in place by a trained module."""
+        self.check_positions(min(train.shape[1], heldout.shape[1]), self.kind)
         start, size = contiguous_block(removed, self.kind)
         stack = decoder_stack(model)
         dtype = next(model.parameters()).dtype
@@ -194,11 +196,17 @@ class LayerReplacement(Training, TokenFilter, CacheSettings):
             states: BlockStates = self.states(model, start, size, train, self.batch_size, cache_dir)
             batches = (states.batch(i) for i in shuffled(len(train), self.batch_size, self.seed))
 
-            def loss_fn(b: BlockBatch) -> torch.Tensor:
-                return token_loss(self.loss, apply(b), b.h_out, self.fitted(b.h_in, b.h_out))
+            def loss_fn(b: BlockBatch) -> tuple[torch.Tensor, int]:
+                mask = self.fitted(b.h_in, b.h_out)
+                return token_loss_sum(self.loss, apply(b), b.h_out, mask)
 
             return run(batches, loss_fn)
         device = next(model.parameters()).device
         ids = token_batches(train, self.batch_size, self.seed, device)
         with _in_place_of_block(model, start, size, f):
-            return run(ids, lambda b: model(input_ids=b, labels=b, use_cache=False).loss)
+
+            def lm_loss_sum(b: torch.Tensor) -> tuple[torch.Tensor, int]:
+                n = predicted_tokens(b)
+                return model(input_ids=b, labels=b, use_cache=False).loss * n, n
+
+            return run(ids, lm_loss_sum)

@@ -4,7 +4,9 @@
 ``prunes = True`` gets the DENSE model and removes ``removed`` itself (it needs the dense
 states); one with ``prunes = False`` gets the already pruned model and ignores ``removed``.
 ``layers_added`` says how many layers the step puts back: net removal = len(removed) -
-layers_added. ``cache_dir`` is the layerprune cache, where a step may keep its activation cache.
+layers_added. A step may set ``first_start``, the earliest layer its block may start at (the
+linear fold: 1); the plan's contiguous choice honours it. ``cache_dir`` is the layerprune cache,
+where a step may keep its activation cache.
 """
 
 from __future__ import annotations
@@ -95,6 +97,11 @@ class Recovery:
     @property
     def layers_added(self) -> int:
         return sum(step.layers_added for step in self._steps)
+
+    @property
+    def first_start(self) -> int:
+        """The earliest layer the removed block may start at, for every step."""
+        return max((int(getattr(step, "first_start", 0)) for step in self._steps), default=0)
 
     def check(self, scorer: Scorer) -> None:
         """A block replacement needs a contiguous block: say so before loading anything."""

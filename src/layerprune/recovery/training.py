@@ -6,9 +6,14 @@ reached by accumulating gradients over micro-batches of ``batch_size`` windows (
 sets memory, ``batch_tokens`` the optimisation). LLM-Streamline's code takes 8 windows x 16
 accumulation steps x 2048 tokens = 262,144 tokens per step.
 
-Defaults follow the LLM-Streamline code: AdamW (lr 2e-4, weight decay 1e-3), linear warmup then
-cosine decay to 5e-5. A non-finite loss stops training with a :class:`LayerpruneError` naming
-the step, before the optimiser touches the weights.
+Defaults take LLM-Streamline's stated settings: AdamW (lr 2e-4, weight decay 1e-3), linear
+warmup over the first 5% of optimiser steps, then cosine decay toward 5e-5 over the rest. That
+is the schedule as stated, not what their code effectively runs: train_lightweightnetwork.py
+sizes its scheduler in micro-batches (warmup 0.5% and total 50% of them) but steps it once per
+optimiser step (every 16 micro-batches), so its warmup spans about 8% of the optimiser steps and
+the cosine only reaches about 12% of its course: the lr stays at or above 0.975 x 2e-4 after
+warmup. A non-finite loss stops training with a :class:`LayerpruneError` naming the step,
+before the optimiser touches the weights.
 """
 
 from __future__ import annotations
@@ -38,7 +43,10 @@ class Schedule:
     betas: tuple[float, float] = (0.9, 0.999)
 
     def factor(self, step: int, total: int) -> float:
-        """Multiplier of ``lr`` before optimiser step ``step`` (0-based) of ``total``."""
+        """Multiplier of ``lr`` before optimiser step ``step`` (0-based) of ``total``: linear
+        warmup over ``ceil(warmup_ratio * total)`` steps, then a half cosine from 1 toward
+        ``min_lr / lr``, reached after the last step (see the module's note on LLM-Streamline's
+        code)."""
         warmup = math.ceil(self.warmup_ratio * total)
         if step < warmup:
             return (step + 1) / warmup
@@ -179,14 +187,17 @@ class TrainResult:
 def optimise(
     params: Iterable[nn.Parameter],
     batches: Iterator[object],
-    loss_fn: Callable[[object], torch.Tensor],
+    loss_fn: Callable[[object], tuple[torch.Tensor, int]],
     budget: Budget,
     schedule: Schedule,
     name: str,
     progress: bool = True,
 ) -> TrainResult:
-    """``budget.steps`` AdamW steps, each on the mean gradient of ``budget.accumulation``
-    micro-batches drawn from ``batches``."""
+    """``budget.steps`` AdamW steps over ``budget.accumulation`` micro-batches each, drawn from
+    ``batches``. ``loss_fn`` gives a micro-batch's summed token loss and its number of tokens;
+    a step's loss is the sum over its micro-batches divided by their total count, the mean over
+    the step's tokens (a micro-batch with fewer fitted tokens weighs less, one with none adds
+    nothing)."""
     params = list(params)
     optimizer = torch.optim.AdamW(
         params, lr=schedule.lr, weight_decay=schedule.weight_decay, betas=schedule.betas
@@ -197,24 +208,35 @@ def optimise(
     )
     bar = tqdm(range(total), desc=f"recovery {name}", unit="step", disable=not progress)
     started, loss_value = time.perf_counter(), math.nan
+    scale = budget.step_tokens  # keeps the accumulated gradients near the mean's magnitude
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
-        loss_value = 0.0
+        loss_sum, count = 0.0, 0
         for _ in range(budget.accumulation):
-            loss = loss_fn(next(batches))
+            loss, n = loss_fn(next(batches))
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise LayerpruneError(
                     f"recovery '{name}': the loss became {value} at step {step + 1} of {total}; "
                     f"the model is left unchanged (try a lower lr than {schedule.lr:g})"
                 )
-            (loss / budget.accumulation).backward()
-            loss_value += value / budget.accumulation
+            (loss / scale).backward()
+            loss_sum += value
+            count += n
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale / max(1, count))
+        loss_value = loss_sum / max(1, count)
         torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
         optimizer.step()
         scheduler.step()
         bar.set_postfix(loss=f"{loss_value:.4g}")
     return TrainResult(total, loss_value, time.perf_counter() - started, budget.tokens)
+
+
+def predicted_tokens(ids: torch.Tensor) -> int:
+    """Tokens a causal LM loss averages over in windows ``ids`` (all but each window's first)."""
+    return ids.shape[0] * (ids.shape[1] - 1)
 
 
 def split_heldout(
