@@ -10,7 +10,7 @@ shift
 runs=results/runs/method_table/$model
 status=0
 python -m layerprune -m \
-  experiment=shortgpt,streamline_layer,streamline_ffn,gromov,replaceme,random,last \
+  experiment=shortgpt,streamline_layer,streamline_ffn,gromov,replaceme,sleb,ppl,taylor,random,last \
   model="$model" sparsity=0.25 sparsity_unit=param_ratio \
   paths.runs="$runs" hydra.sweep.dir="$runs/sweep" "$@" || status=$?
 # A failed job is a gap in the table, so the table is written either way.

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from layerprune.layers import decoder_stack
-from layerprune.recovery import LayerReplacement, LinearReplacement, stream_block
+from layerprune.recovery import LayerReplacement, LinearReplacement, MLPReplacement, stream_block
 from layerprune.scoring import collect_layer_stats
 
 from .conftest import load
@@ -92,7 +92,8 @@ def test_linear_fold_on_more_architectures(name: str) -> None:
     m = grabbed[0].double().reshape(-1, dim)
     h_i = states[start].reshape(-1, dim)
     t = torch.linalg.lstsq(m, states[start + size].reshape(-1, dim) - (h_i - m)).solution
-    LinearReplacement(batch_size=3)(model, [2, 3], ids)
+    fold = LinearReplacement(batch_size=3, exclude_positions=[])  # every token of every window
+    fold(model, [2, 3], ids, heldout=ids[:1])
     folded = residual_states(name, model, ids)[start]
     torch.testing.assert_close(folded.reshape(-1, dim), m @ t + (h_i - m), atol=1e-4, rtol=1e-4)
 
@@ -104,8 +105,10 @@ def test_layer_replacement_on_more_architectures(name: str, kind: str) -> None:
     step = LayerReplacement(kind=kind, loss="lm", lr=1e-3, batch_size=4, progress=False)
     step(model, [1, 2, 3], tokens(12))
     module = decoder_stack(model).layers[1]
-    if kind == "swiglu":  # the attention output is zero and stayed so
-        assert not module.self_attn.out_proj.weight.any()
+    if kind == "swiglu":  # a gated MLP of OPT's own width and activation
+        assert isinstance(module, MLPReplacement) and module.gate is not None
+        assert module.spec["inner_size"] == model.config.ffn_dim
+        assert module.spec["activation"] == model.config.activation_function
     decoder_stack(dense).layers[1] = module
     ids = tokens(2, seq_len=20, seed=5)
     torch.testing.assert_close(logits(model, ids), logits(dense, ids), atol=1e-6, rtol=0)

@@ -31,6 +31,7 @@ EARLY = [
     ("sparsity_unit=blocks", "sparsity_unit: blocks; allowed: layers, layer_ratio, param_ratio"),
     ("seed=-1", "seed: -1; allowed: an integer >= 0"),
     ("seed=abc", "seed: abc; allowed: an integer >= 0"),
+    ("++first_start=-1", "first_start: -1; allowed: an integer >= 0"),
     ("save_model=maybe", "save_model: maybe; allowed: true, false"),
     ("scoring.batch_size=0", "scoring.batch_size: 0; allowed: an integer >= 1"),
     ("scoring.convention=bogus", "scoring.convention: bogus; allowed: residual, hf_hidden_states"),
@@ -72,8 +73,75 @@ EARLY = [
     ("scorer=streamline recovery=lora recovery.steps.lora.rank=0",
      "recovery.steps.lora.rank: 0; allowed: an integer >= 1"),
     ("scorer=block_influence recovery=layer", "scorer.selection: independent; allowed: contiguous"),
+    ("scorer=streamline recovery=layer recovery.budget.tokens=0",
+     "recovery.budget.tokens: 0; allowed: an integer >= 1 or null"),
+    ("scorer=streamline recovery=layer recovery.budget.batch_tokens=1000",
+     "recovery.budget.batch_tokens: 1000; allowed: a multiple of batch_size x seq_len = 8 x 512 "
+     "= 4096 tokens (recovery.steps.replace)"),
+    ("scorer=streamline recovery=layer recovery.steps.replace.batch_tokens=6000",
+     "recovery.steps.replace.batch_tokens: 6000; allowed: a multiple of batch_size x seq_len"),
+    ("scorer=streamline recovery=layer recovery.steps.replace.kind=mlp",
+     "recovery.steps.replace.kind: mlp; allowed: layer, ffn, ffn_residual, swiglu"),
+    ("scorer=streamline recovery=layer recovery.steps.replace.loss=l1",
+     "recovery.steps.replace.loss: l1; allowed: mse, nmse, cosine, lm"),
+    ("scorer=streamline recovery=layer recovery.steps.replace.exclude_positions=[-1]",
+     "recovery.steps.replace.exclude_positions: [-1]; allowed: null (the loss's default) or a "
+     "list of positions >= 0"),
+    ("scorer=streamline recovery=layer recovery.steps.replace.exclude_positions=0",
+     "recovery.steps.replace.exclude_positions: 0; allowed: null (the loss's default) or a "
+     "list of positions >= 0"),
+    ("scorer=streamline recovery=layer recovery.steps.replace.exclude_positions=[0,512]",
+     "recovery.steps.replace.exclude_positions: [0, 512]; allowed: positions < "
+     "recovery.train_data.seq_len = 512, the length of the training windows"),
+    ("scorer=streamline recovery=linear recovery.train_data.seq_len=64 "
+     "recovery.steps.linear.exclude_positions=[64]",
+     "recovery.steps.linear.exclude_positions: [64]; allowed: positions < "
+     "recovery.train_data.seq_len = 64"),
+    ("scorer=streamline recovery=layer recovery.steps.replace.exclude_outliers=0.5",
+     "recovery.steps.replace.exclude_outliers: 0.5; allowed: null or a factor > 1"),
+    ("scorer=streamline recovery=layer_lm recovery.steps.replace.exclude_positions=[0]",
+     "recovery.steps.replace.loss: lm with exclude_positions [0] and exclude_outliers null; "
+     "allowed: mse, nmse or cosine"),
+    ("scorer=streamline recovery=layer recovery.steps.replace.betas=[0.9]",
+     "recovery.steps.replace.betas: [0.9]; allowed: two numbers in [0, 1)"),
+    ("scorer=streamline recovery=linear_cosine recovery.steps.linear.ridge=0.1",
+     "recovery.steps.linear.ridge: 0.1; allowed: 0 with loss cosine"),
+    ("scorer=streamline recovery=linear recovery.steps.linear.loss=lm",
+     "recovery.steps.linear.loss: lm; allowed: mse, nmse, cosine"),
+    ("scorer=streamline recovery=layer recovery.activation_cache=maybe",
+     "recovery.activation_cache: maybe; allowed: true, false"),
+    ("scorer=streamline recovery=layer recovery.cache_dtype=int8",
+     "recovery.cache_dtype: int8; allowed: float16, bfloat16, float32"),
     ("model=tiny_gemma3 scorer=streamline recovery=linear",
      "recovery: linear (LinearReplacement) with model_type gemma3_text; allowed: layer, swiglu"),
+    ("experiment=sleb scorer.selection=contiguous", "scorer.selection: contiguous; allowed: "
+     "independent (sleb measures the model without single layers"),
+    ("experiment=sleb recovery=layer", "recovery: replace (LayerReplacement) with scorer sleb; "
+     "allowed: a recovery without a block replacement (none, lora, lora_shortened)"),
+    ("scorer=ppl scorer.keep_first=-1", "scorer.keep_first: -1; allowed: an integer >= 0"),
+    ("scorer=sleb scorer.latter_barrier=x", "scorer.latter_barrier: x; allowed: an integer >= 0"),
+    ("scorer=taylor scorer.batch_size=0", "scorer.batch_size: 0; allowed: an integer >= 1"),
+    ("experiment=search +search.settings.ppl.bogus=1",
+     "search.settings.ppl.bogus: 1; allowed: a setting of scorer ppl: one of keep_first, "
+     "keep_last"),
+    ("experiment=search +search.settings.block_influence.bogus=1",
+     "search.settings.block_influence.bogus: 1; allowed: a setting of scorer block_influence: "
+     "none"),
+    ("experiment=search +search.settings.ppl.keep_first=-1",
+     "search.settings.ppl.keep_first: -1; allowed: an integer >= 0"),
+    ("experiment=search +search.settings.sleb.early_barrier=x",
+     "search.settings.sleb.early_barrier: x; allowed: an integer >= 0"),
+    ("experiment=search +search.settings.sleb.early_barrier=1.5",
+     "search.settings.sleb.early_barrier: 1.5; allowed: an integer >= 0"),
+    ("experiment=search +search.settings.taylor.batch_size=0",
+     "search.settings.taylor.batch_size: 0; allowed: an integer >= 1"),
+    ("experiment=search +search.settings.random.seed=3",
+     "search.settings.random.seed: 3; allowed: not set here: search.random_seeds sets the seed"),
+    ("experiment=search +search.settings.sleb.selection=contiguous",
+     "search.settings.sleb.selection: contiguous; allowed: not set here: search.selections"),
+    ("experiment=search +search.settings.ppl=4",
+     "search.settings.ppl: 4; allowed: a mapping {{setting: value}} of keep_first, keep_last"),
+    ("experiment=search search.evaluate=all", "search.evaluate: all; allowed: top, spread"),
     pytest.param(
         "model.device=cuda", "model.device: cuda; allowed: auto or cpu: this machine has no GPU",
         marks=pytest.mark.skipif(not NO_GPU, reason="a GPU is present"),
@@ -88,6 +156,12 @@ AFTER_LOAD = [
      "sparsity: 5.0; allowed: a target that keeps at least one of the 6 layers"),
     ("eval=quick eval.perplexity.seq_len=2048",
      "eval.perplexity.seq_len: 2048; allowed: <= 512 tokens"),
+    ("scorer=sleb sparsity_unit=layers sparsity=5", "sparsity: 5.0; allowed: a target that removes "
+     "at most 4 of the 6 layers of tiny_llama with scorer sleb (this one removes 5; it never "
+     "removes the first 1 or the last 1 remaining layer(s): scorer.early_barrier"),
+    ("scorer=taylor", "sparsity: 0.25; allowed: a target that removes at most 0 of the 6 layers "
+     "of tiny_llama with scorer taylor (this one removes 2; it keeps the first 4 and the last 2 "
+     "layers: scorer.keep_first, scorer.keep_last)"),
 ]  # fmt: skip
 
 
@@ -195,6 +269,14 @@ def test_cache_under_a_file_is_one_error_when_the_run_folder_is_unwritable(tmp_p
         ("sparsity=abc", "sparsity: abc; allowed"),
         ("eval=quick eval.tasks=[piqa,piqa,arc_easy]", "eval.tasks: ['piqa', 'piqa', 'arc_easy']"),
         ("calibration.path={tmp}/latin1.txt", "calibration.path: {tmp}/latin1.txt (not UTF-8"),
+        (
+            "experiment=ppl scorer.selection=contiguous",
+            "scorer.selection: contiguous; allowed: independent",
+        ),
+        (
+            "experiment=search +search.settings.sleb.early_barrier=x",
+            "search.settings.sleb.early_barrier: x; allowed: an integer >= 0",
+        ),
     ],
 )
 def test_cli_prints_one_line_and_exits_2(override: str, message: str, inputs: Path) -> None:
@@ -248,3 +330,71 @@ def test_cli_runs_folder_under_a_file_is_one_line(tmp_path: Path) -> None:
         f"({tmp_path / 'file' / 'runs'}: Not a directory); allowed: a folder that can be created "
         "and written"
     ]
+
+
+def test_a_criterion_refuses_layers_fed_per_window_inputs_before_scoring() -> None:
+    """Layers that take an input computed from the tokens (as per-layer embeddings are) cannot
+    be run one by one from cached states: refused after loading, with the scorer named."""
+    from layerprune.criteria import SLEB, TaylorPlus
+    from layerprune.layers import decoder_stack
+    from layerprune.recovery import Recovery
+    from layerprune.selection import Sparsity
+    from layerprune.validation import check_model
+
+    from .conftest import load
+
+    loaded = load("tiny_llama")
+
+    def per_window(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        kwargs["position_ids"] = (1000 * args[0][..., 0]).long()  # differs between windows
+        return args, kwargs
+
+    decoder_stack(loaded.model).layers[2].register_forward_pre_hook(per_window, with_kwargs=True)
+    lengths = {"calibration.seq_len": 32}
+    with pytest.raises(LayerpruneError) as err:
+        check_model(loaded, Sparsity(1, "layers"), Recovery({}, None), lengths, SLEB())
+    assert str(err.value).startswith(
+        "scorer: sleb on tiny_llama (llama: the decoder layers take an input (kwargs.position_ids) "
+        "that differs between windows); allowed: a model whose decoder layers take"
+    ), str(err.value)
+    # Taylor+ runs the model whole: nothing to refuse
+    check_model(loaded, Sparsity(1, "layers"), Recovery({}, None), lengths, TaylorPlus(1, 1))
+
+
+@pytest.mark.parametrize(
+    ("positions", "message"),
+    [
+        (0, "recovery 'linear': exclude_positions 0; allowed: null or positions >= 0"),
+        ([True], "recovery 'linear': exclude_positions [True]; allowed: null or positions >= 0"),
+    ],
+)
+def test_a_step_refuses_positions_that_are_not_a_list_in_one_line(
+    positions: Any, message: str
+) -> None:
+    from layerprune.recovery import LinearReplacement
+
+    with pytest.raises(LayerpruneError) as err:
+        LinearReplacement(exclude_positions=positions)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_a_step_refuses_positions_beyond_its_windows_before_any_work() -> None:
+    from layerprune.layers import decoder_stack
+    from layerprune.recovery import LayerReplacement, LinearReplacement
+
+    from .conftest import load
+
+    model = load("tiny_llama").model
+    windows = torch.randint(3, 250, (12, 24), generator=torch.Generator().manual_seed(0))
+    steps = {
+        "linear": LinearReplacement(exclude_positions=[0, 24]),
+        "layer": LayerReplacement(exclude_positions=[24], batch_size=2),
+    }
+    for name, step in steps.items():
+        with pytest.raises(LayerpruneError) as err:
+            step(model, [2, 3], windows)
+        assert str(err.value) == (
+            f"recovery '{name}': exclude_positions {step.exclude_positions}; allowed: "
+            "positions < 24, the length of the windows"
+        )
+    assert len(decoder_stack(model).layers) == 6  # nothing removed

@@ -18,15 +18,24 @@ from layerprune.report import finished, load_runs
 
 from .conftest import compose_config
 
-# preset: scorer, selection, recovery steps as (target, kind)
+# preset: scorer, selection, recovery steps as (target, kind, loss)
+STREAMLINE = "streamline", "contiguous"
 PRESETS = {
     "shortgpt": ("block_influence", "independent", []),
-    "streamline_layer": ("streamline", "contiguous", [("LayerReplacement", "layer")]),
-    "streamline_ffn": ("streamline", "contiguous", [("LayerReplacement", "ffn")]),
-    "gromov": ("angular", "contiguous", [("LoraHealing", None)]),
-    "replaceme": ("streamline", "contiguous", [("LinearReplacement", None)]),
+    "streamline_layer": (*STREAMLINE, [("LayerReplacement", "layer", "mse")]),
+    "streamline_layer_lm": (*STREAMLINE, [("LayerReplacement", "layer", "lm")]),
+    "streamline_ffn": (*STREAMLINE, [("LayerReplacement", "ffn", "mse")]),
+    "streamline_ffn_residual": (*STREAMLINE, [("LayerReplacement", "ffn_residual", "mse")]),
+    "streamline_swiglu": (*STREAMLINE, [("LayerReplacement", "swiglu", "mse")]),
+    "gromov": ("angular", "contiguous", [("LoraHealing", None, None)]),
+    # ReplaceMe picks its block by last-token angular distance, as their code does
+    "replaceme": ("angular", "contiguous", [("LinearReplacement", None, "mse")]),
+    "replaceme_cosine": ("angular", "contiguous", [("LinearReplacement", None, "cosine")]),
     "random": ("random", "independent", []),
     "last": ("last", "contiguous", []),
+    "sleb": ("sleb", "independent", []),
+    "ppl": ("ppl", "independent", [("LoraHealing", None)]),
+    "taylor": ("taylor", "independent", [("LoraHealing", None)]),
 }
 
 
@@ -34,11 +43,18 @@ PRESETS = {
 def test_preset_sets_its_papers_method(name: str) -> None:
     cfg = compose_config([f"experiment={name}", "recovery.train_data.n=8"])  # as the sweeps allow
     scorer = build(cfg.scorer)
-    steps = [(s._target_.rsplit(".", 1)[-1], s.get("kind")) for s in cfg.recovery.steps.values()]
+    steps = [
+        (s._target_.rsplit(".", 1)[-1], s.get("kind"), s.get("loss"))
+        for s in cfg.recovery.steps.values()
+    ]
     assert (scorer.name, scorer.selection, steps) == PRESETS[name]
     assert (cfg.method, cfg.recovery.train_data.n) == (name, 8)
-    trained = [s for s in cfg.recovery.steps.values() if s.get("kind")]
-    assert all(s.loss == "mse" for s in trained)  # LLM-Streamline
+    if name.startswith(
+        "streamline_"
+    ):  # the paper's budget: 30,000 x 2048 tokens, 128 x 2048 a step
+        (step,) = cfg.recovery.steps.values()
+        assert (step.tokens, step.batch_tokens) == (30_000 * 2048, 128 * 2048)
+        assert (cfg.sparsity, cfg.sparsity_unit) == (0.25, "param_ratio")
 
 
 def test_presets_data_and_sparsity() -> None:
@@ -53,6 +69,23 @@ def test_presets_data_and_sparsity() -> None:
     assert (streamline.sparsity, streamline.sparsity_unit) == (0.25, "param_ratio")
     cli = compose_config(["experiment=streamline_layer", "sparsity=3", "sparsity_unit=layers"])
     assert (cli.sparsity, cli.sparsity_unit) == (3, "layers")
+
+
+def test_loss_criteria_presets_follow_the_official_codes() -> None:
+    sleb = compose_config(["experiment=sleb"])
+    assert sleb.calibration.path.endswith("text/wikitext2_tokenized_valid.txt")
+    assert (sleb.calibration.n, sleb.calibration.seq_len) == (4, 2048)
+    assert (sleb.scorer.early_barrier, sleb.scorer.latter_barrier) == (1, 1)
+    for name in ("ppl", "taylor"):
+        cfg = compose_config([f"experiment={name}"])
+        assert (cfg.calibration.n, cfg.calibration.seq_len) == (10, 128)
+        assert (cfg.scorer.keep_first, cfg.scorer.keep_last) == (4, 2)
+        lora = cfg.recovery.steps.lora
+        assert (lora.rank, lora.alpha, lora.dropout, lora.lr) == (8, 16, 0.05, 1e-4)
+        assert cfg.recovery.train_data.seq_len == 256
+        # recovery=none on the command line drops the healing cleanly
+        assert not compose_config([f"experiment={name}", "recovery=none"]).recovery.steps
+    assert compose_config(["experiment=taylor"]).scorer.batch_size == 10
 
 
 @pytest.mark.parametrize(

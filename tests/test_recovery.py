@@ -104,11 +104,12 @@ def test_linear_fit_is_least_squares_and_folds_exactly(mlp_bias: bool) -> None:
     start, size, windows = 2, 2, tokens(8)
     m, h_i, y = naive_mlp_fit(model, start, size, windows)
     expected = torch.linalg.lstsq(m, y).solution
-    got, n_tokens = LinearReplacement(batch_size=3).fit(model, start, size, windows)
+    every = LinearReplacement(batch_size=3, exclude_positions=[])  # the official fit: all tokens
+    got, n_tokens = every.fit(model, start, size, windows)
     assert n_tokens == windows.numel()
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
-    LinearReplacement(batch_size=3)(model, [2, 3], windows)
+    every(model, [2, 3], windows, heldout=tokens(2, seed=9))
     assert model.config.num_hidden_layers == 4
     folded = model(input_ids=windows, output_hidden_states=True).hidden_states[start]
     by_hand = m @ expected + (h_i - m)
@@ -124,22 +125,31 @@ def test_linear_errors() -> None:
         LinearReplacement()(load("tiny_llama").model, [0, 1], tokens(4))
 
 
-@pytest.mark.parametrize("kind", ["layer", "swiglu", "ffn"])
+@pytest.mark.parametrize("kind", ["layer", "swiglu", "ffn", "ffn_residual"])
 def test_training_reduces_heldout_mse(kind: str) -> None:
     # Byte-level text, not random tokens: a module fitted on random tokens only memorises them.
     wiki = TextFile(n=40, seq_len=32, path=str(MIRROR / "text" / "wiki.txt"))
     windows = wiki.windows(byte_tokenizer())
     model = load("tiny_llama").model
-    step = LayerReplacement(kind=kind, epochs=4, lr=3e-3, **FAST)
+    lr = {"layer": 3e-3, "ffn_residual": 3e-3, "ffn": 1e-2, "swiglu": 3e-2}[kind]
+    step = LayerReplacement(kind=kind, epochs=4, lr=lr, **FAST)
     report = step(model, [1, 2, 3], windows[:32], heldout=windows[32:])
     assert report.heldout_mse_after < 0.7 * report.heldout_mse_before
     assert report.heldout_cosine_after > report.heldout_cosine_before
     assert (report.steps, report.train_windows, report.heldout_windows) == (32, 32, 8)
+    assert (report.train_tokens, report.tokens_per_step) == (32 * 4 * 32, 4 * 32)
     assert report.block_size == 3 and report.layers_added == 1
     assert model.config.num_hidden_layers == decoder_stack(model).num_layers == 4
-    if kind == "ffn":  # zero output projection: the untrained module is plain pruning
+    # position 0 left out by default (mse): the fitted tokens are the rest
+    assert (report.heldout_tokens, report.heldout_fitted_tokens) == (8 * 32, 8 * 31)
+    assert report.settings["exclude_positions"] == [0]
+    if kind == "ffn_residual":  # zero output projection: the untrained module is plain pruning
         assert report.heldout_mse_before == pytest.approx(report.heldout_mse_identity)
         assert report.params_added == 64 * 256 * 2 + 256 + 64 + 64
+    if kind == "ffn":  # the authors' W2 ReLU(W1 h + b1) + b2, no norm
+        assert report.params_added == 64 * 256 * 2 + 256 + 64
+    if kind == "swiglu":  # gate, up, down of the model's intermediate size 128, no bias
+        assert report.params_added == 3 * 64 * 128
     d = report.to_dict()
     assert d["params_net"] == d["params_removed"] - d["params_added"]
 
@@ -149,8 +159,9 @@ def test_training_reduces_heldout_mse(kind: str) -> None:
     [
         ("tiny_llama", "layer"),
         ("tiny_gemma3", "layer"),
+        ("tiny_qwen2", "layer"),
         ("tiny_llama", "swiglu"),
-        ("tiny_qwen2", "swiglu"),
+        ("tiny_gemma3", "ffn"),
     ],
 )
 def test_replaced_model_is_the_dense_one_with_the_module_in_place(
@@ -165,7 +176,8 @@ def test_replaced_model_is_the_dense_one_with_the_module_in_place(
     assert model.config.layerprune["kept_layers"] == [0, 1, 4, 5]
     if name == "tiny_gemma3":
         assert model.config.layer_types[1] == "full_attention"
-    assert_round_trip(model, ids, tmp_path)
+    if kind == "layer":  # a standard decoder layer: a standard checkpoint
+        assert_round_trip(model, ids, tmp_path)
 
 
 def test_linear_and_lora_round_trip(tmp_path: Path) -> None:
@@ -182,9 +194,13 @@ def test_linear_and_lora_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma3"])
-def test_ffn_round_trips_through_save_recovered(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "loss"), [("ffn", "mse"), ("ffn_residual", "nmse"),
+                                            ("swiglu", "mse"), ("swiglu", "lm")])  # fmt: skip
+def test_mlp_replacements_round_trip_through_save_recovered(
+    name: str, kind: str, loss: str, tmp_path: Path
+) -> None:
     model = load(name).model
-    LayerReplacement(kind="ffn", lr=1e-2, **FAST)(model, [2, 3], tokens(12))
+    LayerReplacement(kind=kind, loss=loss, lr=1e-2, **FAST)(model, [2, 3], tokens(12))
     ids = tokens(2, seq_len=20, seed=5)
     expected = logits(model, ids)
     config = model.config.to_dict()
@@ -210,11 +226,23 @@ def test_bad_inputs_name_the_step() -> None:
     with pytest.raises(LayerpruneError, match="needs at least batch_size=4 training windows"):
         LayerReplacement(kind="ffn", **FAST)(model, [1, 2], tokens(4))
     with pytest.raises(
-        LayerpruneError, match="unknown recovery kind 'mlp'; allowed: layer, swiglu, ffn"
+        LayerpruneError,
+        match="unknown recovery kind 'mlp'; allowed: layer, ffn, ffn_residual, swiglu",
     ):
         LayerReplacement(kind="mlp", **FAST)
-    with pytest.raises(LayerpruneError, match="unknown recovery loss 'l1'; allowed: mse, lm"):
+    with pytest.raises(
+        LayerpruneError, match="unknown recovery loss 'l1'; allowed: mse, nmse, cosine, lm"
+    ):
         LayerReplacement(kind="layer", loss="l1", **FAST)
+    with pytest.raises(LayerpruneError, match=r"loss lm with exclude_positions \[0\]"):
+        LayerReplacement(loss="lm", exclude_positions=[0], **FAST)
+    assert LayerReplacement(loss="lm").positions_left_out == []  # the default: none
+    with pytest.raises(LayerpruneError, match=r"ridge 0\.5 with loss cosine; allowed: ridge 0"):
+        LinearReplacement(loss="cosine", ridge=0.5)
+    with pytest.raises(
+        LayerpruneError, match=r"batch_tokens 100; allowed: a multiple of batch_size x"
+    ):
+        LayerReplacement(batch_tokens=100, **FAST)(model, [1, 2], tokens(12))
     with pytest.raises(LayerpruneError, match=r"block \[5, 7\) is out of range"):
         LayerReplacement(**FAST)(model, [5, 6], tokens(12))
 
@@ -235,10 +263,14 @@ def test_diverging_loss_stops_and_leaves_the_model_unchanged(loss: str) -> None:
     assert_unchanged(model, before, 6)
 
 
-@pytest.mark.parametrize("name", ["none", "layer", "swiglu", "ffn", "linear", "lora", "layer_lora"])
+RECOVERIES = ["none", "layer", "layer_lm", "swiglu", "ffn", "ffn_residual", "linear",
+              "linear_cosine", "lora", "layer_lora"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", RECOVERIES)
 def test_recovery_configs_instantiate_callable_steps(name: str) -> None:
     cfg = compose_config([f"recovery={name}", "recovery.train_data=null"])
-    recovery = Recovery(**build(cfg.recovery))
+    recovery = Recovery(build(cfg.recovery.steps), train_data=None)
     steps = recovery.steps
     assert isinstance(steps, dict) and list(steps) == list(cfg.recovery.steps)
     assert all(isinstance(s, RecoveryStep) for s in steps.values())
@@ -247,7 +279,9 @@ def test_recovery_configs_instantiate_callable_steps(name: str) -> None:
         assert path.endswith("text/wiki.txt")
     loaded = load("tiny_llama")
     recovery.steps = {
-        k: s if isinstance(s, LinearReplacement) else dataclasses.replace(s, **FAST, lr=1e-3)
+        k: dataclasses.replace(s, epochs=1, progress=False)
+        if isinstance(s, LinearReplacement)
+        else dataclasses.replace(s, **FAST, lr=1e-3)
         for k, s in steps.items()
     }
     recovery.train_data = TinyWindows(tokens(10))
@@ -260,24 +294,26 @@ def test_recovery_configs_instantiate_callable_steps(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("step", "cls"),
-    [("layer", LayerReplacement), ("swiglu", LayerReplacement), ("ffn", LayerReplacement),
-     ("linear", LinearReplacement), ("lora", LoraHealing)],
+    ("step", "expected"),
+    [("layer", LayerReplacement()), ("swiglu", LayerReplacement(kind="swiglu")),
+     ("ffn", LayerReplacement(kind="ffn")), ("ffn_residual", LayerReplacement(kind="ffn_residual")),
+     ("layer_lm", LayerReplacement(loss="lm", betas=[0.9, 0.95], grad_clip=1.0)),
+     ("linear", LinearReplacement()), ("linear_cosine", LinearReplacement(loss="cosine")),
+     ("lora", LoraHealing())],
 )  # fmt: skip
-def test_step_configs_hold_the_step_defaults(step: str, cls: type) -> None:
-    """A step YAML lists every setting, with the dataclass default, so none can drift."""
+def test_step_configs_hold_the_step_defaults(step: str, expected: RecoveryStep) -> None:
+    """A step YAML lists every setting, with the dataclass default (or the variant's own
+    values), so none can drift."""
     cfg = compose_config([f"+recovery/step@step={step}", "seed=0"])
-    built = build(cfg.step)
-    expected = cls(kind=step) if cls is LayerReplacement else cls()
-    assert built == expected
+    assert build(cfg.step) == expected
     listed = set(cfg.step) - {"_target_"}
-    assert listed == {f.name for f in dataclasses.fields(cls)} - {"progress"}
+    assert listed == {f.name for f in dataclasses.fields(type(expected))} - {"progress"}
 
 
 def test_a_step_setting_is_overridden_by_its_name() -> None:
     cfg = compose_config(["recovery=layer_lora", "recovery.steps.replace.lr=1e-4",
                           "recovery.steps.lora.rank=4", "seed=3"])  # fmt: skip
-    steps = Recovery(**build(cfg.recovery)).steps
+    steps = Recovery(build(cfg.recovery.steps), train_data=None).steps
     assert isinstance(steps, dict)
     assert (steps["replace"].lr, steps["replace"].seed) == (1e-4, 3)
     assert (steps["lora"].rank, steps["lora"].lr) == (4, 2e-4)

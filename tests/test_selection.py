@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 
 from layerprune.errors import LayerpruneError
-from layerprune.scoring import BlockInfluence, Last, Streamline
+from layerprune.recovery import LayerReplacement, LinearReplacement, Recovery
+from layerprune.scoring import Angular, BlockInfluence, Last, LayerStats, Streamline
 from layerprune.selection import Sparsity, make_plan
 
 from .test_scoring import toy_stats
@@ -99,3 +103,22 @@ def test_a_replacement_layer_grows_the_block_so_the_net_removal_meets_the_target
     assert d["num_layers_after"] == 2 and d["removed_layer_ratio"] == pytest.approx(0.5)
     with pytest.raises(LayerpruneError, match="needs a block of 4 of 4 layers"):
         make_plan(Streamline(), toy_stats(), Sparsity(3, "layers"), LAYER_PARAMS, TOTAL, 1)
+
+
+def test_a_block_for_the_linear_fold_never_starts_at_layer_0() -> None:
+    # layers 0 and 1 barely move the residual: the most similar block of 2 starts at 0, which
+    # the fold cannot take (no layer before it); ReplaceMe never considers that start
+    step = [0.01, 0.02, 0.4, 0.3]
+    cos = torch.eye(5, dtype=torch.float64)
+    for a in range(5):
+        for b in range(a + 1, 5):
+            cos[a, b] = cos[b, a] = 1 - sum(step[a:b])
+    stats = LayerStats(cos, torch.arccos(cos) / math.pi, 10, 2, "residual")
+    sparsity = Sparsity(2, "layers")
+    assert make_plan(Angular(), stats, sparsity, LAYER_PARAMS, TOTAL).removed_layers == [0, 1]
+    first_start = Recovery({"linear": LinearReplacement()}, None).first_start
+    assert first_start == 1 and Recovery({"replace": LayerReplacement()}, None).first_start == 0
+    plan = make_plan(Angular(), stats, sparsity, LAYER_PARAMS, TOTAL, 0, first_start)
+    assert plan.removed_layers == [1, 2] and plan.block == {"start": 1, "size": 2}
+    plan = make_plan(Angular(), stats, Sparsity(3, "layers"), LAYER_PARAMS, TOTAL, 0, 1)
+    assert plan.removed_layers == [1, 2, 3]  # the largest block still has a start to take

@@ -9,6 +9,10 @@
     lp.prune(model, plan)
     lp.save(model, "pruned", plan)
 
+Criteria that measure the model's loss (``lp.SLEB()``, ``lp.PPLCriterion()``,
+``lp.TaylorPlus()``) are not read from the statistics: :func:`measure` gives their scores,
+and :func:`plan` reads those in place of ``stats``.
+
 Recovery steps are objects (``lp.LayerReplacement``, ``lp.LinearReplacement``,
 ``lp.LoraHealing``) given to :func:`recover` in place of :func:`prune`; :func:`evaluate` runs
 an lm-eval suite. The command line composes exactly these pieces.
@@ -23,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from layerprune.calibration import TextFile
+from layerprune.criteria import CriterionScores, ModelScorer
 from layerprune.export import save_checkpoint
 from layerprune.files import cache_root
 from layerprune.layers import layer_param_counts, param_count
@@ -60,17 +65,37 @@ def score(
     return collect_layer_stats(model.model, windows, batch_size, convention)
 
 
+def measure(
+    model: LoadedModel,
+    windows: torch.Tensor,
+    scorer: ModelScorer,
+    sparsity: float,
+    unit: str = "layer_ratio",
+    layers_added: int = 0,
+    batch_size: int = 8,
+) -> CriterionScores:
+    """What a criterion that measures the model (SLEB, PPL, Taylor+) finds on ``windows``, for
+    a plan removing ``sparsity`` in ``unit``: give it to :func:`plan` as its ``stats``."""
+    m = model.model
+    k = Sparsity(sparsity, unit).num_layers_to_remove(layer_param_counts(m), param_count(m))
+    return scorer.measure(m, windows, k + layers_added, batch_size)
+
+
 def plan(
     model: LoadedModel,
-    stats: LayerStats,
+    stats: LayerStats | CriterionScores,
     scorer: Scorer,
     sparsity: float,
     unit: str = "layer_ratio",
     layers_added: int = 0,
+    first_start: int = 0,
 ) -> Plan:
     """What to remove for ``sparsity`` in ``unit`` (layers, layer_ratio or param_ratio), with
-    parameter counts read from the model. ``layers_added``: layers a recovery puts back (the
-    sparsity then counts the net removal), e.g. ``lp.LayerReplacement().layers_added``."""
+    parameter counts read from the model; ``stats`` is :func:`measure`'s result for a criterion
+    that measures the model. ``layers_added``: layers a recovery puts back (the
+    sparsity then counts the net removal), e.g. ``lp.LayerReplacement().layers_added``.
+    ``first_start``: the earliest layer a contiguous block may start at, e.g.
+    ``lp.LinearReplacement.first_start`` (1: the fold needs the layer before the block)."""
     return make_plan(
         scorer,
         stats,
@@ -78,6 +103,7 @@ def plan(
         layer_param_counts(model.model),
         param_count(model.model),
         layers_added,
+        first_start,
     )
 
 

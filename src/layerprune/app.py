@@ -117,7 +117,7 @@ def job_from_config(cfg: DictConfig) -> Job:
     scorer = build(cfg.scorer)
     steps = build(cfg.recovery.steps) if cfg.recovery.get("steps") else {}
     train = cfg.recovery.get("train_data")  # read only when a step trains on it
-    recovery = Recovery(steps, build(train) if steps and train else None)
+    recovery = Recovery(steps, build(train) if steps and train else None, cfg.paths.cache)
     check_job(recovery, scorer)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
@@ -136,6 +136,7 @@ def job_from_config(cfg: DictConfig) -> Job:
         save_model=bool(cfg.save_model),
         force=bool(cfg.force),
         window_lengths=window_lengths(cfg),
+        first_start=int(cfg.get("first_start", 0)),
     )
 
 
@@ -160,9 +161,15 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """One job from a composed config; returns its metrics.json record. Every value the config
     decides is checked before any object is built or any model loaded."""
     with user_errors():
+        if cfg.get("search"):  # experiment=search: its settings first, the sparsity reads them
+            from layerprune.search_app import check_search_config, run_search
+
+            check_search_config(cfg)
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
         assert isinstance(plain, dict)
         check_config({str(k): v for k, v in plain.items()})
+        if plain.get("search"):
+            return run_search(cfg, out)
         return run_job(job_from_config(cfg), out)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -99,6 +100,31 @@ class DecoderStack:
             if isinstance(value, float):
                 return value
         return 1e-6
+
+    def final_states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the LM head reads from the residual stream leaving the last layer: the final
+        norm, then OPT's output projection where there is one."""
+        hidden = self.norm(hidden)
+        project_out = getattr(self.base, "project_out", None)
+        if isinstance(project_out, nn.Module):
+            hidden = project_out(hidden)
+        assert isinstance(hidden, torch.Tensor)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits from the residual stream leaving its last layer: the final norm,
+        OPT's output projection where there is one, the LM head, and Gemma's logit
+        soft-capping where configured, as the model's own forward applies them."""
+        hidden = self.final_states(hidden)
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, nn.Module):
+            raise LayerpruneError(f"{type(self.model).__name__} has no LM head")
+        logits = head(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        assert isinstance(logits, torch.Tensor)
+        return logits
 
     def lora_targets(self) -> tuple[str, ...]:
         """Leaf names of the linear modules in the decoder layers, in order of first use.

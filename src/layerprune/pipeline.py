@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from layerprune.cache import JsonCache
 from layerprune.calibration import Calibration
+from layerprune.criteria import CriterionScores, ModelScorer
 from layerprune.export import save_checkpoint
 from layerprune.files import cache_root, clean_stale, read_json, write_json
 from layerprune.layers import layer_param_counts, param_count
@@ -35,7 +36,8 @@ from layerprune.validation import check_model
 
 log = logging.getLogger("layerprune")
 SCORES_VERSION = 1  # bump when the statistics' definition changes (invalidates the cache)
-CACHES = ("models", "scores", "dense_eval", "tasks")
+CRITERIA_VERSION = 1  # bump when a model scorer's measurement changes (invalidates the cache)
+CACHES = ("models", "scores", "dense_eval", "tasks", "activations")
 
 
 class Evaluator(Protocol):
@@ -103,6 +105,7 @@ class Job:
     save_model: bool = False
     force: bool = False
     window_lengths: dict[str, int] = field(default_factory=dict)  # config key -> tokens
+    first_start: int = 0  # `++first_start`: the earliest start of a contiguous block (controls)
 
     def lengths(self) -> dict[str, int]:
         """Every window length the model must accept (checked after loading, by config key)."""
@@ -138,13 +141,64 @@ def layer_stats(
     return LayerStats.from_dict(payload), hit
 
 
+def criterion_scores(
+    loaded: LoadedModel,
+    calibration: Calibration,
+    scorer: Scorer,
+    k: int,
+    settings: ScoringSettings,
+    cache_dir: str | None,
+) -> tuple[CriterionScores | None, bool]:
+    """What a model scorer measures on the calibration windows (None for a statistic scorer),
+    computed once, then read from the scores cache. The key holds the scorer's class and
+    settings and, for an iterative criterion, the number of layers ``k`` it removes."""
+    if not isinstance(scorer, ModelScorer):
+        return None, True
+    key = {
+        "version": CRITERIA_VERSION,
+        "model": loaded.fingerprint,
+        "calibration": calibration.identity(),
+        "criterion": scorer.identity(k),
+        "batch_size": settings.batch_size,
+    }
+
+    def compute() -> dict[str, Any]:
+        windows = calibration.windows(loaded.tokenizer)
+        log.debug("measuring %s on %d windows of %d tokens", scorer.name, *windows.shape)
+        measured = scorer.measure(loaded.model, windows, k, settings.batch_size, progress=True)
+        return measured.to_dict()
+
+    if not settings.cache:
+        return CriterionScores.from_dict(compute()), False
+    payload, hit = JsonCache("scores", cache_dir).get_or_compute(key, compute)
+    return CriterionScores.from_dict(payload), hit
+
+
+def removal_count(loaded: LoadedModel, sparsity: Sparsity, layers_added: int) -> int:
+    """How many layers the plan removes (a replacement's layers count against the target)."""
+    model = loaded.model
+    removed = sparsity.num_layers_to_remove(layer_param_counts(model), param_count(model))
+    return removed + layers_added
+
+
 def plan_for(
-    loaded: LoadedModel, stats: LayerStats, scorer: Scorer, sparsity: Sparsity, layers_added: int
+    loaded: LoadedModel,
+    evidence: LayerStats | CriterionScores,
+    scorer: Scorer,
+    sparsity: Sparsity,
+    layers_added: int,
+    first_start: int = 0,
 ) -> Plan:
     """The plan, with the parameter counts read from the model itself."""
     model = loaded.model
     return make_plan(
-        scorer, stats, sparsity, layer_param_counts(model), param_count(model), layers_added
+        scorer,
+        evidence,
+        sparsity,
+        layer_param_counts(model),
+        param_count(model),
+        layers_added,
+        first_start,
     )
 
 
@@ -216,11 +270,24 @@ def run(job: Job, out: Path) -> dict[str, Any]:
     reset_peak_memory()
     with timer.stage("load"):
         loaded = job.load_model()
-    check_model(loaded, job.sparsity, job.recovery, job.lengths())
+    check_model(loaded, job.sparsity, job.recovery, job.lengths(), job.scorer)
     train_windows = job.recovery.windows(loaded)
+    layers_added = job.recovery.layers_added
     with timer.stage("score"):
         stats, scores_hit = layer_stats(loaded, job.calibration, job.scoring, job.cache_dir)
-    plan = plan_for(loaded, stats, job.scorer, job.sparsity, job.recovery.layers_added)
+        k = removal_count(loaded, job.sparsity, layers_added)
+        measured, measured_hit = criterion_scores(
+            loaded, job.calibration, job.scorer, k, job.scoring, job.cache_dir
+        )
+    scores_hit = scores_hit and measured_hit
+    plan = plan_for(
+        loaded,
+        measured or stats,
+        job.scorer,
+        job.sparsity,
+        layers_added,
+        max(job.first_start, job.recovery.first_start),
+    )
     job.evaluator.dense(loaded, timer.stage)
     with timer.stage("prune_recover"):
         reports = job.recovery.apply(loaded, plan.removed_layers, train_windows)
@@ -229,14 +296,15 @@ def run(job: Job, out: Path) -> dict[str, Any]:
     evaluated = job.evaluator.pruned(loaded, out, timer.stage)
     if table := job.evaluator.table(evaluated):
         log.info("%s", table)
-    scores = scores_record(loaded, job.calibration, stats, len(plan.removed_layers))
+    scores = scores_record(loaded, job.calibration, stats, len(plan.removed_layers), measured)
     write_json(out / "scores.json", scores)
     planned = plan_record(loaded, plan, job.config)
     write_json(out / "plan.json", planned)
     title = f"{loaded.name}: {stats.n_windows} windows x {stats.n_tokens // stats.n_windows} tokens"
     plot_importance(
-        stats, out / "importance.png", title, len(plan.removed_layers), plan.removed_layers
-    )
+        stats, out / "importance.png", title, len(plan.removed_layers), plan.removed_layers,
+        measured,
+    )  # fmt: skip
     evaluation = evaluated.get("eval")
     if job.save_model:
         with timer.stage("save"):

@@ -1,7 +1,8 @@
-"""Figures of layer importance, drawn from the statistics alone."""
+"""Figures of layer importance, drawn from the statistics and what a model scorer measured."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from layerprune.criteria import CriterionScores
 from layerprune.files import atomic_write
 from layerprune.scoring import LayerStats, layer_metric_definitions
 
@@ -28,16 +30,40 @@ def draw_metrics(ax: Any, recorded: Mapping[str, Sequence[float]]) -> None:
     ax.legend(fontsize=8)
 
 
+def draw_criterion(ax: Any, measured: CriterionScores, removed: list[int]) -> None:
+    """A model scorer's measured values on their own axis (log where they span decades, as
+    perplexities do), and the removal order written above each removed layer."""
+    twin = ax.twinx()
+    values = [math.nan if v is None else v for v in measured.values]
+    twin.plot(values, color="black", marker="x", linestyle="--", label=measured.label)
+    finite = [v for v in values if math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) > 10 * min(finite):
+        twin.set_yscale("log")
+    twin.set_ylabel(f"{measured.criterion} (low = prune)")
+    twin.legend(fontsize=8, loc="upper left")
+    for rank, layer in enumerate(layer for layer in measured.order if layer in removed):
+        ax.text(layer, 0.02, f"#{rank + 1}", transform=ax.get_xaxis_transform(), ha="center",
+                va="bottom", fontsize=7)  # fmt: skip
+
+
 def plot_importance(
-    stats: LayerStats, path: str | Path, title: str, block_size: int, removed: list[int]
+    stats: LayerStats,
+    path: str | Path,
+    title: str,
+    block_size: int,
+    removed: list[int],
+    measured: CriterionScores | None = None,
 ) -> Path:
-    """Per-layer scores (left) and block scores for the chosen block size (right)."""
+    """Per-layer scores (left) and block scores for the chosen block size (right); a model
+    scorer's values join the left panel with the order in which it removes the layers."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
     definitions = layer_metric_definitions()
     per_layer = {m.key: m.of_blocks(stats, 1).tolist() for m in definitions}
     draw_metrics(ax1, per_layer)
     for i in removed:
         ax1.axvspan(i - 0.5, i + 0.5, color="grey", alpha=0.15, lw=0)
+    if measured is not None:
+        draw_criterion(ax1, measured, removed)
     ax1.set(xlabel="layer", ylabel="importance (low = prune)", title="per-layer importance")
     per_block = {m.key: m.of_blocks(stats, block_size).tolist() for m in definitions}
     draw_metrics(ax2, per_block)

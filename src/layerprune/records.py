@@ -24,6 +24,7 @@ import transformers
 import layerprune
 from layerprune.cache import digest
 from layerprune.calibration import Calibration
+from layerprune.criteria import CriterionScores
 from layerprune.files import read_json
 from layerprune.models import LoadedModel
 from layerprune.scoring import LayerStats, layer_metrics
@@ -64,9 +65,19 @@ def model_record(loaded: LoadedModel) -> dict[str, str]:
 
 
 def scores_record(
-    loaded: LoadedModel, calibration: Calibration, stats: LayerStats, block_size: int
+    loaded: LoadedModel,
+    calibration: Calibration,
+    stats: LayerStats,
+    block_size: int,
+    measured: CriterionScores | None = None,
 ) -> dict[str, Any]:
-    return {
+    """The statistics' metrics and, for a model scorer, what it measured: its per-layer values
+    join ``layer_metrics`` under their key, and ``criterion`` holds them with the removal order,
+    the protected layers and, for an iterative criterion, every step."""
+    metrics = layer_metrics(stats, block_size)
+    if measured is not None:
+        metrics["layer_metrics"][measured.key] = measured.values
+    record = {
         "schema_version": SCHEMA_VERSION,
         "kind": SCORES,
         "model": {"name": loaded.name, "fingerprint": loaded.fingerprint},
@@ -75,10 +86,13 @@ def scores_record(
         "num_layers": stats.num_layers,
         "n_windows": stats.n_windows,
         "n_tokens": stats.n_tokens,
-        **layer_metrics(stats, block_size),
+        **metrics,
         "cosine_matrix": stats.cosine.tolist(),
         "angular_matrix": stats.angular.tolist(),
     }
+    if measured is not None:
+        record["criterion"] = measured.to_dict()
+    return record
 
 
 def plan_record(loaded: LoadedModel, plan: Plan, config: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from omegaconf import OmegaConf
 
+from layerprune.controls import pair, recovery_rows, train_tokens
 from layerprune.errors import LayerpruneError
 from layerprune.files import atomic_write, read_json, write_text
 from layerprune.plots import draw_metrics
@@ -275,6 +276,7 @@ def pruned_row(run: Run) -> dict[str, Any]:
     return {
         "Removed layers": plan["num_layers"] - plan["num_layers_after"] if plan else None,
         "Removed params": plan.get("removed_param_ratio"),
+        "Train tokens": train_tokens(run),
         **results(run, "pruned"),
         "RP": get(run, "eval.rp"),
         "Agreement": get(run, "eval.stability.agreement"),
@@ -309,7 +311,9 @@ def build_table(chosen: dict[Key, Run], group_by: Sequence[str] = ()) -> Table:
     )
     tasks = [name for name in names if name not in SUMMARY and not name.startswith("PPL")]
     ppl = [name for name in names if name.startswith("PPL")]
-    columns = [*TEXT, *group_by, "Removed layers", "Removed params", *tasks, *SUMMARY, *ppl]
+    trained = ["Train tokens"] if any(r.get("recovery") for r in chosen.values()) else []
+    columns = [*TEXT, *group_by, "Removed layers", "Removed params", *trained, *tasks, *SUMMARY,
+               *ppl]  # fmt: skip
     rows = []
     for model in sorted({key[0] for key in chosen}):
         keys = [key for key in chosen if key[0] == model]
@@ -331,6 +335,8 @@ def is_gap(value: Any) -> bool:
 def fmt_number(column: str, value: float) -> str:
     if column in ("Agreement", "Stability", "Stability (legacy)"):
         return f"{value:.3f}"
+    if column.startswith(("MSE", "cos")):  # the recovery table's held-out figures
+        return f"{value:.4g}"
     if column.startswith("PPL"):
         return f"{value:.2f}"
     return f"{100 * value:.1f}"
@@ -342,8 +348,8 @@ def fmt(column: str, value: Any, pm: Any = None, mark: bool = False) -> str:
         return GAP
     if isinstance(value, str):
         return value
-    if column == "Removed layers":
-        return str(value)
+    if column in ("Removed layers", "Train tokens"):
+        return f"{value:,}"
     text = fmt_number(column, value)
     if not is_gap(pm):
         text += f" ± {fmt_number(column, pm)}"
@@ -354,11 +360,11 @@ def cell(column: str, row: dict[str, Any]) -> str:
     return fmt(column, row.get(column), row.get(column + PM), bool(row.get(column + MARK)))
 
 
-def to_markdown(table: Table) -> str:
+def to_markdown(table: Table, note: str = NOTE) -> str:
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     for row in table.rows:
         lines.append("| " + " | ".join(cell(c, row) for c in table.columns) + " |")
-    return "\n".join([*lines, "", NOTE, ""])
+    return "\n".join([*lines, "", note, ""])
 
 
 def latex_escape(text: str) -> str:
@@ -638,6 +644,39 @@ def verdicts(average: list[Comparison], methods: list[str]) -> list[str]:
     return out
 
 
+RECOVERY_NOTE = (
+    "Each recovered run beside plain removal of the same block (its control: the newest run "
+    "without recovery that removed the same layers, all of the block's, from the same model and "
+    "was evaluated the same way; – where there is none, see `python -m layerprune.controls`). "
+    "A block replacement (layer, ffn, swiglu) keeps one added layer in place of the block, so "
+    "its model has one layer more than its control (a replaced block of n + 1 layers removes n "
+    "net, the control n + 1); the linear fold adds none. Train tokens: tokens the "
+    "recovery trained or fitted on, repeats counted. MSE, cos: held-out mean squared error and "
+    "mean token cosine against the dense block's output, over all tokens and over the tokens "
+    "the objective fitted; plain = the block's input (plain removal). Avg, ΔAvg vs plain in %; "
+    "± : half-width of the paired bootstrap 95% interval over documents."
+)
+
+
+def paired_average(a: Run, b: Run) -> tuple[float, float] | None:
+    """Average accuracy of ``a`` minus ``b`` on the same documents, and its interval's
+    half-width."""
+    sa, sb = pruned_samples(a), pruned_samples(b)
+    if not sa or not sb or not same_documents(sa, sb):
+        return None
+    seed, iters = uncertainty(a)
+    average = compare_pair(sa, sb, ("a", "b"), seed, iters)[-1]
+    return average.delta, (average.ci[1] - average.ci[0]) / 2
+
+
+def recovery_table(runs: list[Run]) -> Table | None:
+    """Recovered runs beside their controls (:mod:`layerprune.controls`); None without any."""
+    pairs = pair(runs)
+    if not pairs:
+        return None
+    return Table(*recovery_rows(pairs, method_label, results, paired_average))
+
+
 def log_wandb(
     table: Table, figures: list[Path], out: Path, mode: Literal["offline", "online"], project: str
 ) -> None:
@@ -680,6 +719,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_text(args.out / "table.tex", to_latex(table))
     write_text(args.out / "table.csv", to_csv(table))
     write_text(args.out / "comparisons.md", compare_methods(chosen))
+    if recovered := recovery_table(runs):
+        write_text(args.out / "recovery.md", to_markdown(recovered, RECOVERY_NOTE))
+        write_text(args.out / "recovery.csv", to_csv(recovered))
     figures = [*plot_curves(chosen, args.out), *plot_layers(chosen, args.out)]
     done = sum(map(finished, runs))
     print(markdown)

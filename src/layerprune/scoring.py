@@ -180,7 +180,9 @@ class LayerMetric:
 
 
 class Scorer(ABC):
-    """Turns :class:`LayerStats` into importances: the LOWEST importance is pruned first."""
+    """Ranks the layers for removal: the LOWEST importance is pruned first. A
+    :class:`StatisticScorer` reads :class:`LayerStats`; a model scorer
+    (:class:`layerprune.criteria.ModelScorer`) measures the model's loss itself."""
 
     name: str
     selection: Selection
@@ -193,6 +195,10 @@ class Scorer(ABC):
             )
         self.selection = selection
 
+
+class StatisticScorer(Scorer):
+    """Turns :class:`LayerStats` into importances, for single layers and for blocks."""
+
     @abstractmethod
     def layer_importance(self, stats: LayerStats) -> torch.Tensor:
         """(L,) importance of each single layer."""
@@ -202,7 +208,7 @@ class Scorer(ABC):
         """(L-n+1,) importance of the block of ``n`` layers starting at each j."""
 
 
-class BlockInfluence(Scorer):
+class BlockInfluence(StatisticScorer):
     """ShortGPT: BI_i = 1 - E cos(h_i, h_{i+1}); for a block, 1 - E cos(h_j, h_{j+n})."""
 
     name = "block_influence"
@@ -220,7 +226,7 @@ class BlockInfluence(Scorer):
         return 1 - stats.block_cosine(n)
 
 
-class Streamline(Scorer):
+class Streamline(StatisticScorer):
     """LLM-Streamline: prune the block maximising E (1 + cos(h_j, h_{j+n})) / 2."""
 
     name = "streamline"
@@ -245,7 +251,7 @@ class Streamline(Scorer):
         return -self.similarity(stats, n)
 
 
-class Angular(Scorer):
+class Angular(StatisticScorer):
     """Gromov et al.: prune the block minimising arccos(cos(h_j, h_{j+n})) / pi, last token."""
 
     name = "angular"
@@ -263,7 +269,7 @@ class Angular(Scorer):
         return stats.block_angular(n)
 
 
-class Random(Scorer):
+class Random(StatisticScorer):
     """Seeded random importances: the baseline every criterion must beat."""
 
     name = "random"
@@ -283,7 +289,7 @@ class Random(Scorer):
         return self._draw(stats.num_layers - n + 1, n)
 
 
-class Last(Scorer):
+class Last(StatisticScorer):
     """Remove the n layers just before the final layer (which is kept)."""
 
     name = "last"
@@ -307,9 +313,9 @@ class Last(Scorer):
 
 
 def layer_metric_definitions() -> list[LayerMetric]:
-    """The statistics scores.json records and the figures draw: the ``metric`` of every scorer
-    that has one, in the order the scorers are defined above."""
-    return [scorer.metric for scorer in Scorer.__subclasses__() if scorer.metric is not None]
+    """The statistics scores.json records and the figures draw: the ``metric`` of every
+    statistic scorer that has one, in the order the scorers are defined above."""
+    return [s.metric for s in StatisticScorer.__subclasses__() if s.metric is not None]
 
 
 def layer_metrics(stats: LayerStats, block_size: int) -> dict[str, dict[str, Any]]:

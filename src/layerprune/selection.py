@@ -3,7 +3,9 @@
 ``independent`` removes the k least important single layers (ShortGPT); ``contiguous`` removes
 the least important block of k consecutive layers (LLM-Streamline, Gromov et al.). Sparsity is a
 number of layers, a ratio of layers, or a ratio of all model parameters (embeddings included),
-rounded to the nearest whole number of layers.
+rounded to the nearest whole number of layers. A statistic scorer's choice is read from the
+:class:`~layerprune.scoring.LayerStats`; a model scorer's from the
+:class:`~layerprune.criteria.CriterionScores` it measured.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from layerprune.criteria import CriterionScores, ModelScorer
 from layerprune.errors import LayerpruneError
-from layerprune.scoring import LayerStats, Scorer
+from layerprune.scoring import LayerStats, Scorer, StatisticScorer
 
 UNITS = ("layers", "layer_ratio", "param_ratio")
 
@@ -71,6 +74,7 @@ class Plan:
     params_after: int
     importance: list[float]
     layers_added: int = 0  # modules a recovery puts back in place of the block (LLM-Streamline)
+    first_start: int = 0  # the earliest layer the contiguous block could start at
 
     @property
     def params_removed(self) -> int:
@@ -87,28 +91,52 @@ class Plan:
         }
 
 
-def select_layers(scorer: Scorer, stats: LayerStats, k: int) -> tuple[list[int], list[float]]:
-    """The k layers to remove, and the importances the choice was read from."""
+Evidence = LayerStats | CriterionScores  # what a plan is read from
+
+
+def select_layers(
+    scorer: Scorer, evidence: Evidence, k: int, first_start: int = 0
+) -> tuple[list[int], list[float]]:
+    """The k layers to remove, and the importances the choice was read from; a contiguous
+    block starts at layer ``first_start`` or later (the linear fold needs a layer before it)."""
+    if isinstance(scorer, ModelScorer) != isinstance(evidence, CriterionScores):
+        needs = "CriterionScores" if isinstance(scorer, ModelScorer) else "LayerStats"
+        raise LayerpruneError(
+            f"scorer '{scorer.name}' reads {needs}; got {type(evidence).__name__}"
+        )
+    if isinstance(evidence, CriterionScores):
+        return evidence.choose(k)
+    assert isinstance(scorer, StatisticScorer)
+    stats = evidence
     if scorer.selection == "independent":
         imp = scorer.layer_importance(stats)
         order = sorted(range(len(imp)), key=lambda i: (float(imp[i]), i))
         return sorted(order[:k]), imp.tolist()
     imp = scorer.block_importance(stats, k)
-    start = min(range(len(imp)), key=lambda j: (float(imp[j]), j))
+    starts = range(first_start, len(imp))
+    if not starts:
+        raise LayerpruneError(
+            f"a block of {k} of {evidence.num_layers} layers starting at layer {first_start} or "
+            f"later does not fit; allowed: at most {evidence.num_layers - first_start} layers"
+        )
+    start = min(starts, key=lambda j: (float(imp[j]), j))
     return list(range(start, start + k)), imp.tolist()
 
 
 def make_plan(
     scorer: Scorer,
-    stats: LayerStats,
+    evidence: Evidence,
     sparsity: Sparsity,
     layer_params: list[int],
     total_params: int,
     layers_added: int = 0,
+    first_start: int = 0,
 ) -> Plan:
     """``layers_added`` modules will replace the removed block: the sparsity target counts the
-    NET removal, so the block is that much larger (LLM-Streamline replaces n+1 layers by one)."""
-    num = stats.num_layers
+    NET removal, so the block is that much larger (LLM-Streamline replaces n+1 layers by one).
+    ``first_start``: the earliest layer a contiguous block may start at (1 for the linear
+    fold, which needs the layer before the block; ReplaceMe never considers block start 0)."""
+    num = evidence.num_layers
     if len(layer_params) != num:
         raise LayerpruneError(f"scores cover {num} layers but the model has {len(layer_params)}")
     k = sparsity.num_layers_to_remove(layer_params, total_params) + layers_added
@@ -117,7 +145,7 @@ def make_plan(
             f"sparsity {sparsity.amount} ({sparsity.unit}) with {layers_added} replacement "
             f"layer(s) needs a block of {k} of {num} layers; keep at least one"
         )
-    removed, importance = select_layers(scorer, stats, k)
+    removed, importance = select_layers(scorer, evidence, k, first_start)
     block = {"start": removed[0], "size": k} if scorer.selection == "contiguous" else None
     return Plan(
         scorer=scorer.name,
@@ -131,4 +159,5 @@ def make_plan(
         params_after=total_params - sum(layer_params[i] for i in removed),
         importance=importance,
         layers_added=layers_added,
+        first_start=first_start,
     )

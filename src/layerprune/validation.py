@@ -13,6 +13,7 @@ resolved config, ``???`` where a mandatory value is unset), so this module needs
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -22,10 +23,16 @@ from typing import Any
 
 import torch
 
+from layerprune.criteria import ModelScorer
+from layerprune.engine import UnsupportedLayers, capture_calls
 from layerprune.errors import LayerpruneError
 from layerprune.layers import decoder_stack, layer_param_counts, param_count
 from layerprune.models import LoadedModel
 from layerprune.recovery import LinearReplacement, Recovery
+from layerprune.recovery.cache import DTYPES as CACHE_DTYPES
+from layerprune.recovery.modules import KINDS
+from layerprune.recovery.objective import TOKEN_LOSSES
+from layerprune.recovery.replace import LOSSES
 from layerprune.scoring import Scorer
 from layerprune.selection import UNITS, Sparsity
 
@@ -272,33 +279,109 @@ def min_train_windows(step: Config) -> int:
     return n
 
 
+def check_step(cfg: Config, key: str, step: Config) -> None:
+    """One recovery step's settings (``key`` = recovery.steps.<name>)."""
+    for field in ("batch_size", "epochs", "rank", "alpha", "token_batch"):
+        if field in step:
+            integer(cfg, f"{key}.{field}", 1)
+    for field in ("steps", "tokens", "batch_tokens"):
+        if step.get(field) is not None:
+            integer(cfg, f"{key}.{field}", 1)
+    for field in ("lr", "grad_clip"):
+        if field in step:
+            number(cfg, f"{key}.{field}", lambda x: x > 0, "a number > 0")
+    for field in ("weight_decay", "min_lr", "ridge"):
+        if field in step:
+            number(cfg, f"{key}.{field}", lambda x: x >= 0, "a number >= 0")
+    if "warmup_ratio" in step:
+        number(cfg, f"{key}.warmup_ratio", lambda x: 0 <= x <= 1, "a number in [0, 1]")
+    if "dropout" in step:
+        number(cfg, f"{key}.dropout", lambda x: 0 <= x < 1, "a number in [0, 1)")
+    if "heldout_fraction" in step:
+        number(cfg, f"{key}.heldout_fraction", lambda x: 0 < x < 1, "a number in (0, 1)")
+    betas = step.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1
+                                                                 for b in betas)):  # fmt: skip
+        raise invalid(f"{key}.betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.95]")
+    target = str(step["_target_"])
+    if target.endswith("LayerReplacement"):
+        choice(cfg, f"{key}.kind", KINDS)
+        choice(cfg, f"{key}.loss", LOSSES)
+    elif target.endswith("LinearReplacement"):
+        choice(cfg, f"{key}.loss", TOKEN_LOSSES)
+        if step.get("loss") == "cosine" and step.get("ridge"):
+            raise invalid(f"{key}.ridge", step["ridge"], "0 with loss cosine (the pull toward "
+                          "the identity applies to mse and nmse)")  # fmt: skip
+    check_token_filter(cfg, key, step)
+    if "activation_cache" in step:
+        flag(cfg, f"{key}.activation_cache")
+    if "cache_dtype" in step:
+        choice(cfg, f"{key}.cache_dtype", CACHE_DTYPES)
+
+
+def check_token_filter(cfg: Config, key: str, step: Config) -> None:
+    positions = step.get("exclude_positions")
+    if positions is not None and (
+        not isinstance(positions, list) or not all(is_int(p) and p >= 0 for p in positions)
+    ):
+        raise invalid(f"{key}.exclude_positions", positions, "null (the loss's default) or a "
+                      "list of positions >= 0, e.g. [0]")  # fmt: skip
+    outliers = step.get("exclude_outliers")
+    if outliers is not None:
+        number(cfg, f"{key}.exclude_outliers", lambda x: x > 1, "null or a factor > 1")
+    if step.get("loss") == "lm" and (positions or outliers is not None):
+        value = f"lm with exclude_positions {positions} and exclude_outliers {shown(outliers)}"
+        raise invalid(f"{key}.loss", value, "mse, nmse or cosine to leave tokens out, or lm with "
+                      "exclude_positions null or [] and exclude_outliers null")  # fmt: skip
+
+
+def check_positions_fit(cfg: Config, steps: dict[str, Any]) -> None:
+    """Positions left out must lie in the training windows (none is silently ignored)."""
+    seq_len = get(cfg, "recovery.train_data.seq_len")
+    for name, step in steps.items():
+        positions = step.get("exclude_positions") or []
+        if any(p >= seq_len for p in positions):
+            raise invalid(
+                f"recovery.steps.{name}.exclude_positions", positions, "positions < "
+                f"recovery.train_data.seq_len = {seq_len}, the length of the training windows",
+            )  # fmt: skip
+
+
+def check_budget(cfg: Config, steps: dict[str, Any]) -> None:
+    """The budget in tokens: whole optimiser steps of whole batches of windows."""
+    seq_len = get(cfg, "recovery.train_data.seq_len")
+    for name, step in steps.items():
+        tokens = step.get("batch_tokens")
+        micro = step.get("batch_size", 1) * seq_len
+        if tokens is not None and tokens % micro:
+            shared = get(cfg, "recovery.budget.batch_tokens") == tokens
+            key = (
+                "recovery.budget.batch_tokens" if shared else f"recovery.steps.{name}.batch_tokens"
+            )
+            raise invalid(
+                key, tokens, f"a multiple of batch_size x seq_len = {step.get('batch_size', 1)} "
+                f"x {seq_len} = {micro} tokens (recovery.steps.{name})",
+            )  # fmt: skip
+
+
 def check_recovery(cfg: Config) -> None:
     steps = get(cfg, "recovery.steps")
     if steps is MISSING or not steps:
         return  # no recovery: its train_data is never read
     if not isinstance(steps, dict):
         raise invalid("recovery.steps", steps, "a mapping {name: step}")
+    for field in ("tokens", "batch_tokens"):  # what the steps read, named where it is set
+        if has(cfg, f"recovery.budget.{field}"):
+            integer(cfg, f"recovery.budget.{field}", 1, optional=True)
+    if has(cfg, "recovery.activation_cache"):
+        flag(cfg, "recovery.activation_cache")
+    if has(cfg, "recovery.cache_dtype"):
+        choice(cfg, "recovery.cache_dtype", CACHE_DTYPES)
     for name, step in steps.items():
         key = f"recovery.steps.{name}"
         if not isinstance(step, dict) or "_target_" not in step:
             raise invalid(key, step, "a step from conf/recovery/step (layer, linear, lora, ...)")
-        for field in ("batch_size", "epochs", "rank", "alpha"):
-            if field in step:
-                integer(cfg, f"{key}.{field}", 1)
-        if step.get("steps") is not None:
-            integer(cfg, f"{key}.steps", 1)
-        for field in ("lr", "grad_clip"):
-            if field in step:
-                number(cfg, f"{key}.{field}", lambda x: x > 0, "a number > 0")
-        for field in ("weight_decay", "min_lr", "ridge"):
-            if field in step:
-                number(cfg, f"{key}.{field}", lambda x: x >= 0, "a number >= 0")
-        if "warmup_ratio" in step:
-            number(cfg, f"{key}.warmup_ratio", lambda x: 0 <= x <= 1, "a number in [0, 1]")
-        if "dropout" in step:
-            number(cfg, f"{key}.dropout", lambda x: 0 <= x < 1, "a number in [0, 1)")
-        if "heldout_fraction" in step:
-            number(cfg, f"{key}.heldout_fraction", lambda x: 0 < x < 1, "a number in (0, 1)")
+        check_step(cfg, key, step)
     if get(cfg, "recovery.train_data") in (None, MISSING):
         raise invalid("recovery.train_data", None, "a text file option (recovery/train_data)")
     windows(cfg, "recovery.train_data")
@@ -309,6 +392,8 @@ def check_recovery(cfg: Config) -> None:
             "recovery.train_data.n", n, f"an integer >= {need} (one training batch after the "
             "held-out windows)",
         )  # fmt: skip
+    check_budget(cfg, steps)
+    check_positions_fit(cfg, steps)
     model_type = get(cfg, "model.model_type")
     for name, step in steps.items():
         if str(step["_target_"]).endswith("LinearReplacement") and model_type in NORMED_MLP_TYPES:
@@ -319,10 +404,45 @@ def check_recovery(cfg: Config) -> None:
             )  # fmt: skip
 
 
+def target_class(cfg: Config, key: str) -> type | None:
+    """The class a ``_target_`` names, where it can be imported (else None: building fails
+    later with its own message)."""
+    target = get(cfg, f"{key}._target_")
+    if not isinstance(target, str) or "." not in target:
+        return None
+    module, _, name = target.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+    return found if isinstance(found, type) else None
+
+
+def check_model_scorer(cfg: Config, key: str = "scorer") -> None:
+    """A scorer that measures the model (the node at ``key``): single layers only, and
+    sensible settings."""
+    cls = target_class(cfg, key)
+    if cls is None or not issubclass(cls, ModelScorer):
+        return
+    selection = get(cfg, f"{key}.selection")
+    if selection is not MISSING and selection not in cls.selections:
+        raise invalid(
+            f"{key}.selection", selection, f"{', '.join(cls.selections)} ({cls.name} measures "
+            "the model without single layers; block selection is not part of the method)",
+        )  # fmt: skip
+    for field in ("early_barrier", "latter_barrier", "keep_first", "keep_last"):
+        if has(cfg, f"{key}.{field}"):
+            integer(cfg, f"{key}.{field}", 0)
+    if has(cfg, f"{key}.batch_size"):
+        integer(cfg, f"{key}.batch_size", 1)
+
+
 def check_config(cfg: Config) -> None:
     """Everything the config alone decides; raises on the first bad value."""
     check_sparsity(cfg)
     integer(cfg, "seed", 0)
+    if has(cfg, "first_start"):  # set by a control of the linear fold, not in config.yaml
+        integer(cfg, "first_start", 0)
     for key in FLAGS:
         if has(cfg, key):
             flag(cfg, key)
@@ -332,6 +452,7 @@ def check_config(cfg: Config) -> None:
     check_model_config(cfg)
     if get(cfg, "scorer.selection") is not MISSING:
         choice(cfg, "scorer.selection", SELECTIONS)
+    check_model_scorer(cfg)
     if get(cfg, "calibration") in (None, MISSING):
         raise invalid("calibration", None, "a calibration option (wiki, c4, file, ...)")
     windows(cfg, "calibration")
@@ -350,6 +471,12 @@ def check_job(recovery: Recovery, scorer: Scorer) -> None:
     """What the built objects decide: a block replacement needs a contiguous selection."""
     assert isinstance(recovery.steps, Mapping)
     for name, step in recovery.steps.items():
+        if step.contiguous and isinstance(scorer, ModelScorer):
+            raise invalid(
+                "recovery", f"{name} ({type(step).__name__}) with scorer {scorer.name}",
+                f"a recovery without a block replacement (none, lora, lora_shortened): "
+                f"{scorer.name} selects single layers, and step {name} needs a contiguous block",
+            )  # fmt: skip
         if step.contiguous and scorer.selection != "contiguous":
             raise invalid(
                 "scorer.selection", scorer.selection,
@@ -367,15 +494,46 @@ def context_length(config: Any) -> int | None:
     return None
 
 
+def check_model_scorer_fits(
+    loaded: LoadedModel, scorer: ModelScorer, sparsity: Sparsity, k: int
+) -> None:
+    """A model scorer on the loaded model: a budget its protected layers leave room for, and
+    (for the criteria that run layers one by one) layers that take nothing but the residual
+    stream and position-derived inputs, probed on two short rows."""
+    num = decoder_stack(loaded.model).num_layers
+    limit = scorer.max_removable(num)
+    if k > limit:
+        raise invalid(
+            "sparsity", sparsity.amount, f"a target that removes at most {limit} of the {num} "
+            f"layers of {loaded.name} with scorer {scorer.name} (this one removes {k}; "
+            f"{scorer.protection()})",
+        )  # fmt: skip
+    if not scorer.skips_layers:
+        return
+    device = next(loaded.model.parameters()).device
+    probe = torch.arange(3, 19, device=device).view(2, 8)  # two different rows of 8 tokens
+    try:
+        with torch.no_grad(), capture_calls(decoder_stack(loaded.model)):
+            loaded.model(input_ids=probe, use_cache=False)
+    except UnsupportedLayers as e:
+        raise invalid(
+            "scorer", f"{scorer.name} on {loaded.name} ({loaded.model.config.model_type}: {e})",
+            "a model whose decoder layers take the residual stream and position-derived inputs "
+            "only (Llama, Mistral, Qwen2/Qwen3, Gemma3, OPT), or scorer=taylor",
+        ) from None  # fmt: skip
+
+
 def check_model(
     loaded: LoadedModel,
     sparsity: Sparsity,
     recovery: Recovery,
     seq_lens: dict[str, int],
+    scorer: Scorer | None = None,
 ) -> None:
     """What needs the loaded model, checked before scoring: a config with layers and a model
-    type, every window within the context length, a sparsity that keeps a layer, and a
-    recovery the architecture supports. ``seq_lens`` maps config keys to window lengths."""
+    type, every window within the context length, a sparsity that keeps a layer, a recovery
+    the architecture supports, and a model scorer that can run on it with its budget.
+    ``seq_lens`` maps config keys to window lengths."""
     config = loaded.model.config
     name = loaded.name
     if not getattr(config, "model_type", None):
@@ -405,6 +563,8 @@ def check_model(
             f"of {name}: with {recovery.layers_added} replacement layer(s) it removes {k} of {num} "
             "layers; keep at least one",
         )  # fmt: skip
+    if isinstance(scorer, ModelScorer):
+        check_model_scorer_fits(loaded, scorer, sparsity, k)
     assert isinstance(recovery.steps, Mapping)
     for step_name, step in recovery.steps.items():
         if isinstance(step, LinearReplacement) and stack.post_mlp_norm(0) is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -59,17 +59,15 @@ def _output(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def stream_block(
+def block_batch(
     model: PreTrainedModel,
     start: int,
     size: int,
-    windows: torch.Tensor,
-    batch_size: int,
+    ids: torch.Tensor,
     taps: Mapping[str, nn.Module] | None = None,
-) -> Iterator[BlockBatch]:
-    """Yield a :class:`BlockBatch` per batch of ``windows``; ``taps`` adds module outputs."""
+) -> BlockBatch:
+    """One no-grad forward of ``ids`` up to the block's last layer; ``taps`` adds module outputs."""
     stack = decoder_stack(model)
-    device = next(model.parameters()).device
     seen: dict[str, Any] = {}
 
     def on_input(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -84,20 +82,62 @@ def stream_block(
         raise _StopForward
 
     tapped = dict(taps or {})
+    # Hooks live for one forward only, so an abandoned iterator leaves none behind.
+    handles = [stack.layers[start].register_forward_pre_hook(on_input, with_kwargs=True)]
+    handles += [module.register_forward_hook(on_tap(name)) for name, module in tapped.items()]
+    # Registered last so that taps on the block's last layer fire before the stop.
+    handles.append(stack.layers[start + size - 1].register_forward_hook(on_end))
+    try:
+        with contextlib.suppress(_StopForward):
+            stack.base(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return BlockBatch(
+        ids, seen["h_in"], seen["h_out"], seen["kwargs"], {n: seen[n] for n in tapped}
+    )
+
+
+def stream_block(
+    model: PreTrainedModel,
+    start: int,
+    size: int,
+    windows: torch.Tensor,
+    batch_size: int,
+    taps: Mapping[str, nn.Module] | None = None,
+) -> Iterator[BlockBatch]:
+    """Yield a :class:`BlockBatch` per batch of ``windows``; ``taps`` adds module outputs."""
     for batch in windows.split(batch_size):
-        seen.clear()
-        ids = batch.to(device)
-        # Hooks live for one forward only, so an abandoned iterator leaves none behind.
-        handles = [stack.layers[start].register_forward_pre_hook(on_input, with_kwargs=True)]
-        handles += [module.register_forward_hook(on_tap(name)) for name, module in tapped.items()]
-        # Registered last so that taps on the block's last layer fire before the stop.
-        handles.append(stack.layers[start + size - 1].register_forward_hook(on_end))
-        try:
-            with contextlib.suppress(_StopForward):
-                stack.base(input_ids=ids, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-        yield BlockBatch(
-            ids, seen["h_in"], seen["h_out"], seen["kwargs"], {n: seen[n] for n in tapped}
-        )
+        yield block_batch(model, start, size, batch, taps)
+
+
+class BlockStates(Protocol):
+    """The states around one block for a fixed set of windows, batch by batch: streamed from
+    the model, or read from an activation cache (:mod:`layerprune.recovery.cache`)."""
+
+    @property
+    def windows(self) -> torch.Tensor: ...
+
+    def batch(self, index: torch.Tensor) -> BlockBatch:
+        """The states of ``windows[index]``."""
+        ...
+
+
+@dataclass
+class Streamed:
+    """:class:`BlockStates` computed by a forward of the frozen model for every batch."""
+
+    model: PreTrainedModel
+    start: int
+    size: int
+    windows: torch.Tensor
+    taps: Mapping[str, nn.Module] | None = None
+
+    def batch(self, index: torch.Tensor) -> BlockBatch:
+        return block_batch(self.model, self.start, self.size, self.windows[index], self.taps)
+
+
+def in_order(states: BlockStates, batch_size: int) -> Iterator[BlockBatch]:
+    """Every window once, in order, ``batch_size`` at a time."""
+    for index in torch.arange(len(states.windows)).split(batch_size):
+        yield states.batch(index)

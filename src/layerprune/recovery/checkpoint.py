@@ -1,14 +1,16 @@
-"""Saving a model that holds ``ffn`` replacements, which no transformers config can describe.
+"""Saving a model that holds MLP replacements, which no transformers config can describe.
 
 A transformers checkpoint rebuilds every decoder layer from one config: the same class, one
-``intermediate_size`` and ``hidden_act``, a gated MLP and an attention in every layer. The
-``ffn`` module (ReLU MLP of width 4d, no gate, no attention) fits none of that, so
+``intermediate_size`` and ``hidden_act``, a gated MLP and an attention in every layer. An
+:class:`~layerprune.recovery.modules.MLPReplacement` (``ffn``, ``ffn_residual``, ``swiglu``: an
+MLP with no attention, maybe no gate, no norm, no residual) fits none of that, so
 :func:`save_recovered` writes
 
 * a standard checkpoint of the rest (the model without the replacement slots: loaded alone,
   it is the block-pruned model without recovery),
 * ``layerprune_replacement.safetensors`` with the modules' weights, and
-* a ``layerprune_replacement`` config entry saying where each slot goes,
+* a ``layerprune_replacement`` config entry saying where each slot goes and what it is (the
+  module's constructor arguments),
 
 and :func:`load_recovered` puts the modules back in their slots. Loaded alone, the rest would
 silently be the block-pruned model WITHOUT its replacement, so ``config.json`` names a
@@ -28,7 +30,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig,
 
 from layerprune.files import atomic_write, read_json, write_json
 from layerprune.layers import decoder_stack
-from layerprune.recovery.modules import FFNReplacement
+from layerprune.recovery.modules import MLPReplacement
 from layerprune.surgery import PRUNING_RECORD, per_layer_lists, remove_layers, renumber
 
 WEIGHTS = "layerprune_replacement.safetensors"
@@ -43,34 +45,32 @@ def _configs(model: PreTrainedModel) -> list[Any]:
 
 
 def save_recovered(model: PreTrainedModel, path: str | Path) -> Path:
-    """Write ``model`` (possibly holding :class:`FFNReplacement` layers) to the folder ``path``."""
+    """Write ``model`` (possibly holding :class:`MLPReplacement` layers) to the folder ``path``."""
     path = Path(path)
     stack = decoder_stack(model)
     layers = stack.layers
-    ffns = {i: layer for i, layer in enumerate(layers) if isinstance(layer, FFNReplacement)}
-    if not ffns:  # a standard model: a standard checkpoint and nothing else
+    slots = {i: layer for i, layer in enumerate(layers) if isinstance(layer, MLPReplacement)}
+    if not slots:  # a standard model: a standard checkpoint and nothing else
         model.save_pretrained(path)
         return path
     per_layer = per_layer_lists(stack.config, stack.num_layers)
     entries = [
         {
             "index": i,
-            "hidden_size": ffn.up.in_features,
-            "expansion": ffn.up.out_features // ffn.up.in_features,
-            "eps": ffn.norm.eps,
+            "module": dict(module.spec),
             "per_layer": {key: values[i] for key, values in per_layer.items()},
         }
-        for i, ffn in ffns.items()
+        for i, module in slots.items()
     ]
     tensors = {
         f"{i}.{name}": t.detach().contiguous().cpu()
-        for i, ffn in ffns.items()
-        for name, t in ffn.state_dict().items()
+        for i, module in slots.items()
+        for name, t in module.state_dict().items()
     }
     # Save the rest by pruning the slots for the moment, then restore layers and configs.
     snapshots = [(c, dict(vars(c))) for c in _configs(model)]
     try:
-        remove_layers(model, list(ffns))
+        remove_layers(model, list(slots))
         record = {"slots": entries, PRUNING_RECORD: snapshots[0][1].get(PRUNING_RECORD)}
         setattr(stack.config, RECORD, record)
         model.save_pretrained(path)
@@ -107,6 +107,14 @@ def _real_config(path: Path) -> PretrainedConfig | None:
     return config
 
 
+def _module(entry: dict[str, Any]) -> MLPReplacement:
+    """The empty module of a slot; entries written before ``module`` held a residual ReLU MLP."""
+    if "module" in entry:
+        return MLPReplacement(**entry["module"])
+    d = entry["hidden_size"]
+    return MLPReplacement(d, entry["expansion"] * d, residual=True, norm_eps=entry["eps"])
+
+
 def load_recovered(path: str | Path, **kwargs: Any) -> PreTrainedModel:
     """Load a folder written by :func:`save_recovered`; ``kwargs`` go to ``from_pretrained``."""
     path = Path(path)
@@ -124,7 +132,7 @@ def load_recovered(path: str | Path, **kwargs: Any) -> PreTrainedModel:
     configs = [c for c in _configs(model) if getattr(c, "num_hidden_layers", None) == len(layers)]
     for entry in sorted(record["slots"], key=lambda e: e["index"]):
         i = entry["index"]
-        module = FFNReplacement(entry["hidden_size"], entry["eps"], entry["expansion"])
+        module = _module(entry)
         prefix = f"{i}."
         module.load_state_dict(
             {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}

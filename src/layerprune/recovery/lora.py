@@ -7,7 +7,6 @@ are removed unmerged, leaving the model as it came in.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,6 +20,7 @@ from layerprune.recovery.training import (
     Training,
     lm_loss,
     optimise,
+    predicted_tokens,
     token_batches,
 )
 
@@ -30,8 +30,8 @@ class LoraHealing(Training):
     """LoRA adapters trained with the LM loss on the pruned model, then merged.
 
     Gets the already pruned model and ignores ``removed``. ``target_modules=None`` adapts
-    every linear module of the decoder layers (see ``DecoderStack.lora_targets``);
-    ``steps=None`` is one pass over the training windows.
+    every linear module of the decoder layers (see ``DecoderStack.lora_targets``); ``steps``,
+    when set, overrides the budget in tokens (``tokens``, else ``epochs`` passes).
     """
 
     prunes: ClassVar[bool] = False
@@ -52,13 +52,17 @@ class LoraHealing(Training):
         return "lora"
 
     def train(
-        self, model: PreTrainedModel, removed: list[int], train: torch.Tensor, heldout: torch.Tensor
+        self,
+        model: PreTrainedModel,
+        removed: list[int],
+        train: torch.Tensor,
+        heldout: torch.Tensor,
+        cache_dir: str | None = None,
     ) -> RecoveryReport:
         """Heal ``model`` in place with merged LoRA adapters."""
         from peft import LoraConfig, get_peft_model
 
-        per_epoch = math.ceil(len(train) / self.batch_size)
-        total = self.steps or per_epoch
+        budget = self.budget(len(train), train.shape[1], self.steps)
         targets = list(self.target_modules or decoder_stack(model).lora_targets())
         loss_before = lm_loss(model, heldout, self.batch_size)
         grads = {p: p.requires_grad for p in model.parameters()}
@@ -75,17 +79,19 @@ class LoraHealing(Training):
                     f"{type(model).__name__}: {str(e).splitlines()[0]}"
                 ) from e
         device = next(model.parameters()).device
-        epochs = math.ceil(total / per_epoch)
-        batches = token_batches(train, epochs, self.batch_size, self.seed, device)
+        batches = token_batches(train, self.batch_size, self.seed, device)
 
-        def loss_fn(batch: object) -> torch.Tensor:
+        def loss_fn(batch: object) -> tuple[torch.Tensor, int]:
             assert isinstance(batch, torch.Tensor)
-            return peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+            n = predicted_tokens(batch)
+            return peft_model(input_ids=batch, labels=batch, use_cache=False).loss * n, n
 
         params = [p for p in peft_model.parameters() if p.requires_grad]
         peft_model.train()
         try:
-            result = optimise(params, batches, loss_fn, total, self.schedule, "lora", self.progress)
+            result = optimise(
+                params, batches, loss_fn, budget, self.schedule, "lora", self.progress
+            )
         except BaseException:
             peft_model.unload()
             raise
@@ -98,6 +104,8 @@ class LoraHealing(Training):
         report = RecoveryReport(
             method="lora_heal",
             steps=result.steps,
+            train_tokens=result.tokens,
+            tokens_per_step=budget.step_tokens,
             final_loss=result.final_loss,
             train_time_s=result.seconds,
             train_windows=len(train),
@@ -105,6 +113,7 @@ class LoraHealing(Training):
             heldout_lm_loss_before=loss_before,
             heldout_lm_loss_after=lm_loss(model, heldout, self.batch_size),
             settings=self.reported(
+                budget,
                 rank=self.rank,
                 alpha=self.alpha,
                 dropout=self.dropout,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedModel
 
 from layerprune.layers import decoder_stack
 from layerprune.surgery import original_layer_indices
+
+if TYPE_CHECKING:
+    from layerprune.recovery.objective import Fit
 
 
 @dataclass
@@ -16,7 +19,11 @@ class RecoveryReport:
     """Held-out figures compare f(h_in) with the dense model's h_out on windows not trained on.
 
     ``*_identity`` is the plain pruning baseline f(h) = h; ``*_before`` the module at its
-    initialisation. LoRA healing reports the held-out LM loss in ``heldout_lm_loss_*`` instead.
+    initialisation; ``*_fitted`` the same over the tokens the objective counts (all of them
+    unless the step leaves some out, see :class:`~layerprune.recovery.objective.TokenFilter`).
+    ``train_tokens`` counts every token the objective saw, repeats included (the fold: the
+    tokens it was fitted on); ``train_windows`` x seq_len are the distinct ones. LoRA healing
+    reports the held-out LM loss in ``heldout_lm_loss_*`` instead.
     """
 
     method: str
@@ -26,6 +33,8 @@ class RecoveryReport:
     params_removed: int = 0
     params_added: int = 0
     steps: int = 0
+    train_tokens: int = 0
+    tokens_per_step: int = 0
     final_loss: float | None = None
     train_time_s: float = 0.0
     train_windows: int = 0
@@ -36,6 +45,14 @@ class RecoveryReport:
     heldout_cosine_identity: float | None = None
     heldout_cosine_before: float | None = None
     heldout_cosine_after: float | None = None
+    heldout_tokens: int = 0
+    heldout_fitted_tokens: int = 0
+    heldout_mse_identity_fitted: float | None = None
+    heldout_mse_before_fitted: float | None = None
+    heldout_mse_after_fitted: float | None = None
+    heldout_cosine_identity_fitted: float | None = None
+    heldout_cosine_before_fitted: float | None = None
+    heldout_cosine_after_fitted: float | None = None
     heldout_lm_loss_before: float | None = None
     heldout_lm_loss_after: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
@@ -44,6 +61,13 @@ class RecoveryReport:
     def params_net(self) -> int:
         """Parameters removed minus added (positive: the model got smaller)."""
         return self.params_removed - self.params_added
+
+    def add_fit(self, side: str, fit: Fit) -> None:
+        """Set the held-out figures of ``side`` (identity, before or after)."""
+        setattr(self, f"heldout_mse_{side}", fit.mse)
+        setattr(self, f"heldout_cosine_{side}", fit.cosine)
+        setattr(self, f"heldout_mse_{side}_fitted", fit.mse_fitted)
+        setattr(self, f"heldout_cosine_{side}_fitted", fit.cosine_fitted)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "params_net": self.params_net}

@@ -4,7 +4,9 @@
 ``prunes = True`` gets the DENSE model and removes ``removed`` itself (it needs the dense
 states); one with ``prunes = False`` gets the already pruned model and ignores ``removed``.
 ``layers_added`` says how many layers the step puts back: net removal = len(removed) -
-layers_added.
+layers_added. A step may set ``first_start``, the earliest layer its block may start at (the
+linear fold: 1); the plan's contiguous choice honours it. ``cache_dir`` is the layerprune cache,
+where a step may keep its activation cache.
 """
 
 from __future__ import annotations
@@ -41,7 +43,12 @@ class RecoveryStep(Protocol):
         """Layers the step puts back into the pruned model."""
 
     def __call__(
-        self, model: PreTrainedModel, removed: list[int], windows: torch.Tensor
+        self,
+        model: PreTrainedModel,
+        removed: list[int],
+        windows: torch.Tensor,
+        heldout: torch.Tensor | None = None,
+        cache_dir: str | None = None,
     ) -> RecoveryReport: ...
 
 
@@ -66,11 +73,13 @@ class Recovery:
     """A ``conf/recovery`` option: named steps run in order, on windows from ``train_data``.
 
     ``steps`` maps a name (``replace``, ``linear``, ``lora`` in ``conf/recovery``) to a step; a
-    plain list is accepted and named by position.
+    plain list is accepted and named by position. ``cache_dir`` is the layerprune cache
+    (``paths.cache``; null: the default), where steps keep their activation caches.
     """
 
     steps: Mapping[str, RecoveryStep] | Sequence[RecoveryStep]
     train_data: Calibration | None
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, Mapping):
@@ -88,6 +97,11 @@ class Recovery:
     @property
     def layers_added(self) -> int:
         return sum(step.layers_added for step in self._steps)
+
+    @property
+    def first_start(self) -> int:
+        """The earliest layer the removed block may start at, for every step."""
+        return max((int(getattr(step, "first_start", 0)) for step in self._steps), default=0)
 
     def check(self, scorer: Scorer) -> None:
         """A block replacement needs a contiguous block: say so before loading anything."""
@@ -121,5 +135,6 @@ class Recovery:
         reports = []
         for step in steps:
             assert windows is not None
-            reports.append(step(loaded.model, removed, windows).to_dict())
+            report = step(loaded.model, removed, windows, cache_dir=self.cache_dir)
+            reports.append(report.to_dict())
         return reports

@@ -1,0 +1,220 @@
+"""The budgeted search: its candidates are the scorers' own plans, its choice is the plan of
+least held-out KL recomputed by hand on pruned copies, and its statistics are right."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import layerprune as lp
+import layerprune.models
+from layerprune.app import run
+from layerprune.calibration import TextFile
+from layerprune.errors import LayerpruneError
+from layerprune.models import LoadedModel
+from layerprune.pipeline import NoEvaluator
+from layerprune.search import (
+    Candidate,
+    SearchSettings,
+    evaluated_ranks,
+    front,
+    heldout_windows,
+    search,
+    search_record,
+    search_table,
+    spearman,
+)
+from layerprune.surgery import remove_layers
+
+from .conftest import MIRROR, compose_config, load
+from .test_app import TINY
+
+SEARCH = [
+    *TINY, "experiment=search", "sparsity_unit=layers", "search.budgets=[1,2]",
+    "search.scorers=[block_influence,streamline,random,sleb,ppl]", "search.random_seeds=[0,1]",
+    "search.heldout=3", "search.top_k=2", "search.prefill_repeats=1",
+    "+search.settings.ppl.keep_first=1", "+search.settings.ppl.keep_last=1",
+]  # fmt: skip
+
+
+@torch.no_grad()
+def kl_and_ppl_by_hand(model: torch.nn.Module, removed: list[int], ids: torch.Tensor) -> tuple:
+    """Mean KL(dense || pruned) per predicted token and the pruned perplexity, from the two
+    models' own logits."""
+    pruned = copy.deepcopy(model)
+    remove_layers(pruned, removed)
+    p = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+    q = torch.log_softmax(pruned(input_ids=ids).logits[:, :-1].float(), -1)
+    n = ids.numel() - ids.shape[0]
+    kl = float((p.exp() * (p - q)).sum()) / n
+    nll = -float(q.gather(-1, ids[:, 1:].unsqueeze(-1)).sum()) / n
+    return kl, math.exp(nll)
+
+
+def test_the_search_picks_the_plan_of_least_heldout_kl(tmp_path: Path) -> None:
+    cfg = compose_config([*SEARCH, f"paths.cache={tmp_path / 'cache'}"])
+    record = run(cfg, tmp_path)
+    assert record == json.loads((tmp_path / "search.json").read_text())
+    assert (tmp_path / "search.md").is_file() and (tmp_path / "search.png").is_file()
+    loaded = load("tiny_llama")
+    calibration = TextFile(n=4, seq_len=32, path=str(MIRROR / "text" / "wiki.txt"))
+    scored = calibration.windows(loaded.tokenizer)
+    heldout = heldout_windows(calibration, loaded.tokenizer, 3)
+    assert not {tuple(r.tolist()) for r in heldout} & {tuple(r.tolist()) for r in scored}
+    stats = lp.score(loaded, scored, batch_size=2)
+    for budget, k in zip(record["budgets"], (1, 2), strict=True):
+        # the candidates are exactly the proposers' own plans
+        want = {tuple(lp.plan(loaded, stats, s, k, "layers").removed_layers)
+                for s in (lp.BlockInfluence("independent"), lp.BlockInfluence("contiguous"),
+                          lp.Streamline("independent"), lp.Streamline("contiguous"),
+                          lp.Random(0), lp.Random(1), lp.Random(0, "contiguous"),
+                          lp.Random(1, "contiguous"))}  # fmt: skip
+        for scorer in (lp.SLEB(), lp.PPLCriterion(1, 1)):
+            measured = lp.measure(loaded, scored, scorer, k, "layers")
+            want.add(tuple(lp.plan(loaded, measured, scorer, k, "layers").removed_layers))
+        got = {tuple(c["removed"]) for c in budget["candidates"]}
+        assert got == want
+        # every candidate's proxy equals a pruned copy's, and the chosen one is the least KL
+        by_hand = {tuple(c["removed"]): kl_and_ppl_by_hand(loaded.model, c["removed"], heldout)
+                   for c in budget["candidates"]}  # fmt: skip
+        for c in budget["candidates"]:
+            assert (c["kl"], c["ppl"]) == pytest.approx(by_hand[tuple(c["removed"])], rel=1e-4)
+        best = min(by_hand, key=lambda r: by_hand[r][0])
+        assert tuple(budget["chosen"]["removed"]) == best
+        timed = [c for c in budget["candidates"] if c["prefill_s"] is not None]
+        assert len(timed) == 2 and timed == budget["candidates"][:2]
+        assert all(c["accuracy"] is None for c in budget["candidates"])  # eval=none
+    assert record["quality"] == "minus held-out perplexity"
+
+
+class StubEvaluator:
+    """Accuracy = 1 - KL by hand, so that the proxy ranks the evaluated plans perfectly."""
+
+    def __init__(self, heldout: torch.Tensor, dense: torch.nn.Module) -> None:
+        self.heldout, self.dense_model, self.seen = heldout, dense, 0
+
+    def dense(self, loaded: LoadedModel, stage: Any = None) -> bool:
+        return False
+
+    def pruned(self, loaded: LoadedModel, out: Path, stage: Any = None) -> dict[str, Any]:
+        self.seen += 1
+        kept = loaded.model.config.layerprune["kept_layers"]
+        removed = [i for i in range(6) if i not in kept]
+        kl, _ = kl_and_ppl_by_hand(self.dense_model, removed, self.heldout)
+        return {"eval": {"average": {"pruned": 1 - kl}}}
+
+    def table(self, evaluated: dict[str, Any]) -> str:
+        return ""
+
+    @property
+    def lm_eval_results(self) -> Any:
+        return None
+
+
+def test_the_top_plans_are_evaluated_and_the_proxy_correlates(tmp_path: Path) -> None:
+    loaded = load("tiny_llama")
+    calibration = TextFile(n=4, seq_len=32, path=str(MIRROR / "text" / "wiki.txt"))
+    heldout = heldout_windows(calibration, loaded.tokenizer, 3)
+    evaluator = StubEvaluator(heldout, loaded.model)
+    proposers = [(f"random/{s}", lp.Random(s)) for s in range(6)]
+    settings = SearchSettings(budgets=(2,), unit="layers", heldout=3, top_k=4, prefill_repeats=1)
+    results = search(loaded, calibration, proposers, settings, evaluator, tmp_path,
+                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    evaluated = [c for c in results[0].candidates if c.accuracy is not None]
+    assert evaluator.seen == len(evaluated) == min(4, len(results[0].candidates)) >= 3
+    assert results[0].to_dict()["spearman_proxy_accuracy"] == pytest.approx(1.0)
+    record = search_record(loaded, results, {})
+    assert record["quality"] == "evaluation average"
+    # the parameter front of plans removing the same number of layers: the most accurate
+    assert [c["removed"] for c in record["front_params"]] == [evaluated[0].removed]
+
+
+def test_a_spread_of_ranks_is_evaluated_and_the_headline_is_the_mean_per_budget(
+    tmp_path: Path,
+) -> None:
+    loaded = load("tiny_llama")
+    calibration = TextFile(n=4, seq_len=32, path=str(MIRROR / "text" / "wiki.txt"))
+    heldout = heldout_windows(calibration, loaded.tokenizer, 3)
+    evaluator = StubEvaluator(heldout, loaded.model)
+    proposers = [(f"random/{s}", lp.Random(s)) for s in range(8)]
+    settings = SearchSettings(budgets=(1, 2), unit="layers", heldout=3, top_k=3,
+                              prefill_repeats=1, evaluate="spread")  # fmt: skip
+    results = search(loaded, calibration, proposers, settings, evaluator, tmp_path,
+                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    for result in results:
+        n = len(result.candidates)
+        assert n > 3 and result.evaluated == evaluated_ranks(n, 3, "spread")
+        assert result.evaluated[0] == 0 and result.evaluated[-1] == n - 1
+        got = [i for i, c in enumerate(result.candidates) if c.accuracy is not None]
+        assert got == result.evaluated
+    record = search_record(loaded, results, {})
+    rhos = [b["spearman_proxy_accuracy"] for b in record["budgets"]]
+    assert rhos == pytest.approx([1.0, 1.0])
+    assert record["spearman_proxy_accuracy"] == pytest.approx(1.0)
+    table = search_table(record)
+    assert f"Timed and evaluated: ranks 1, {results[0].evaluated[1] + 1}, " in table
+    assert "(spread over the ranks)" in table and "mean over budgets: 1.000" in table
+
+
+def test_evaluated_ranks() -> None:
+    assert evaluated_ranks(10, 3, "top") == [0, 1, 2]
+    assert evaluated_ranks(10, 3, "spread") == [0, 4, 9]
+    assert evaluated_ranks(2, 3, "spread") == [0, 1]
+    assert evaluated_ranks(5, 1, "spread") == [0]
+    assert evaluated_ranks(0, 3, "top") == []
+
+
+def test_a_budget_no_proposer_reaches_is_recorded_without_candidates(tmp_path: Path) -> None:
+    loaded = load("tiny_llama")
+    calibration = TextFile(n=4, seq_len=32, path=str(MIRROR / "text" / "wiki.txt"))
+    settings = SearchSettings(budgets=(1, 5), unit="layers", heldout=3, top_k=2,
+                              prefill_repeats=1)  # fmt: skip
+    results = search(loaded, calibration, [("ppl", lp.PPLCriterion(1, 1))], settings,
+                     NoEvaluator(), tmp_path, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    assert [len(r.candidates) for r in results] == [1, 0]
+    assert results[1].chosen is None and results[1].evaluated == []
+    assert results[1].skipped == {"ppl": "removes at most 4 of 6 layers"}
+    record = search_record(loaded, results, {})
+    assert record["budgets"][1]["chosen"] is None
+    assert "Not proposed: {'ppl': 'removes at most 4 of 6 layers'}" in search_table(record)
+
+
+def test_spearman_and_front_on_hand_examples() -> None:
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties share their mid-rank: ranks x = 1.5, 1.5, 3, 4 against y = 1, 2, 3, 4
+    assert spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+    points = [(1.0, 0.5), (2.0, 0.7), (2.0, 0.6), (3.0, 0.7), (0.5, 0.1)]
+    assert front(points) == [4, 0, 1]
+    assert Candidate([1], ["x"], 10).to_dict()["removed"] == [1]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("search.budgets=[]", "search.budgets: []; allowed: a non-empty list of sparsities"),
+        ("search.budgets=[1.5]", "search.budgets: [1.5]; allowed: whole numbers of layers >= 1"),
+        ("search.scorers=[bogus]", "search.scorers: ['bogus']; allowed: a non-empty list of"),
+        ("search.top_k=0", "search.top_k: 0; allowed: an integer >= 1"),
+        ("search.evaluate=all", "search.evaluate: all; allowed: top, spread"),
+        ("+search.settings.angular.x=1", "search.settings: {'ppl': {'keep_first': 1, "),
+    ],
+)
+def test_bad_search_settings_fail_before_any_model(
+    override: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a model was loaded before the search settings were checked")
+
+    monkeypatch.setattr(layerprune.models, "random_init", fail)
+    with pytest.raises(LayerpruneError) as err:
+        run(compose_config([*SEARCH, override]), tmp_path)
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
