@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,7 +90,8 @@ def child(args: argparse.Namespace) -> None:
     cache_dir = tempfile.mkdtemp(prefix="layerprune-bench-")
     step = LayerReplacement(kind="layer", batch_size=args.batch_size, progress=False,
                             activation_cache=args.cache, cache_dtype="float16")  # fmt: skip
-    report, written = {}, Clock()
+    report: dict[str, Any] = {}
+    written = Clock()
     # One step on a copy first: the allocator settles (glibc keeps freed heap after the first
     # large blocks), so that the peak counts what grows with the windows, not that.
     warm = copy.deepcopy(loaded.model)
