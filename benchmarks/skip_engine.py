@@ -21,50 +21,16 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-from pathlib import Path
 
 import torch
+from common import MIRROR, SHAPES, load, windows
 from torch import nn
 from transformers import PreTrainedModel
 
-from layerprune.calibration import TextFile
 from layerprune.criteria import SLEB
 from layerprune.layers import decoder_stack
-from layerprune.models import LoadedModel, byte_tokenizer, random_init, resolve_device
 from layerprune.resources import measure
 from layerprune.surgery import original_layer_indices, remove_layers
-
-ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {
-    "llama2_7b": {
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "max_position_embeddings": 4096,
-    },
-}
-
-
-def load(args: argparse.Namespace) -> LoadedModel:
-    if args.shape:
-        dtype = "bfloat16" if resolve_device(args.device).type == "cuda" else "float32"
-        return random_init(args.shape, "llama", SHAPES[args.shape], dtype=dtype, device=args.device)
-    from hydra.utils import instantiate
-
-    from layerprune.app import compose
-
-    cfg = compose([f"model={args.model}", f"model.device={args.device}"])
-    return instantiate(cfg.model, _convert_="all")
-
-
-def windows(loaded: LoadedModel, args: argparse.Namespace) -> torch.Tensor:
-    if args.shape:  # random weights: random tokens are as good as text
-        gen = torch.Generator().manual_seed(0)
-        return torch.randint(3, len(byte_tokenizer()), (args.n, args.seq_len), generator=gen)
-    text = Path(args.mirror) / "text" / "wikitext2_tokenized_valid.txt"
-    return TextFile(n=args.n, seq_len=args.seq_len, path=str(text)).windows(loaded.tokenizer)
 
 
 @torch.no_grad()
@@ -146,12 +112,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--mirror", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--mirror", default=str(MIRROR))
     args = parser.parse_args()
 
     loaded = load(args)
     model, device = loaded.model, next(loaded.model.parameters()).device
-    ids = windows(loaded, args)
+    ids = windows(loaded, args, "wikitext2_tokenized_valid.txt")
     num = decoder_stack(model).num_layers
     candidates = sum(num - 2 - s for s in range(args.steps))
 
