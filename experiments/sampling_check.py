@@ -8,6 +8,8 @@ The dense model is evaluated once on the full sets of ``--tasks`` (lm-eval, the 
 unless ``--backend``). The suite's estimate of each task is read from the same per-document
 results at the documents a run of the suite evaluates (its seeded ids), with its 95% Wilson
 interval. An unbiased sample puts about 19 in 20 full-set values inside their interval.
+The record goes to ``--out`` (JSON) and its table beside it (``.md``); ``--render`` rewrites
+the table from an existing record without evaluating.
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["piqa", "arc_easy", "boolq", "winogrande"])
     parser.add_argument("--backend", default=None, help="hf | fast (default: the suite's)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--render", action="store_true", help="only the table, from --out")
     args = parser.parse_args()
+    if args.render:
+        write_table(json.loads(args.out.read_text()), args.out.with_suffix(".md"))
+        return
 
     cfg = compose([f"model={args.model}", f"eval={args.suite}"])
     suite = build(cfg.eval)
@@ -67,6 +73,24 @@ def main() -> None:
     record = {"model": args.model, "suite": args.suite, "seed": suite.seed,
               "backend": full.backend, "seconds": seconds, "tasks": rows}  # fmt: skip
     args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_table(record, args.out.with_suffix(".md"))
+
+
+def write_table(record: dict, path: Path) -> None:
+    """The record as a markdown table: full-set accuracy against the sample's interval."""
+    lines = [
+        f"{record['model']}, `{record['suite']}` sample (seed {record['seed']}) against the full "
+        f"sets ({record['backend']} backend, {record['seconds'] / 60:.0f} min)",
+        "",
+        "| task | metric | full set | documents | sample | documents | 95% interval | inside |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task, r in record["tasks"].items():
+        low, high = r["ci95"]
+        lines.append(f"| {task} | {r['metric']} | {r['full']:.3f} | {r['full_n']} | "
+                     f"{r['sample']:.3f} | {r['sample_n']} | [{low:.3f}, {high:.3f}] | "
+                     f"{'yes' if r['inside'] else 'no'} |")  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
