@@ -7,11 +7,12 @@
 A setup is ``backend:dtype``: ``hf`` is lm-eval's HFLM, ``fast`` the shared-token backend
 (layerprune.fastlm). Both score the same requests (the suite's multiple-choice tasks, built
 once by lm-eval from the data mirror, ``--docs`` seeded documents per task, or the suite's own
-limit), in the same process, alternating, ``--repeats`` times. Printed: the requests' token
-count as HFLM runs them and as the fast backend packs them, each setup's median seconds,
-tokens/s and peak memory, the speed ratio b / a, the largest per-request difference of
-log-likelihoods, the greedy flags that differ, and how many documents get the same prediction
-(the option of highest log-likelihood, lm-eval's ``acc``) under both.
+limit), in the same process, alternating, ``--repeats`` times. Printed: the requests' tokens
+(each request's context and continuation) and the tokens the fast backend packs them into,
+each setup's median seconds, tokens/s (of the requests' tokens) and peak memory, the speed
+ratio b / a, the largest per-request difference of log-likelihoods, the greedy flags that
+differ, and how many documents get the same prediction (the option of highest
+log-likelihood, lm-eval's ``acc``) under both.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def main() -> None:
             else HFLM(**common, batch_size=args.batch_size)
         )
     some = next(iter(loaded.values()))
-    # _encode_pair splits the encoding of context + continuation: its length is the request's
+    # the requests' own tokens, each context counted once per request (the common measure of
+    # both setups' tokens/s); _encode_pair splits the encoding of context + continuation
     tokens = sum(len(some.tokenizer(c + t, add_special_tokens=False).input_ids) for c, t in
                  (r.args for r in reqs))  # fmt: skip
     packer = SharedContextLM(pretrained=some.model, tokenizer=some.tokenizer, device="cpu",
@@ -123,7 +125,7 @@ def main() -> None:
     pred_a, pred_b = predictions(reqs, a), predictions(reqs, b)
     same = sum(pred_a[d] == pred_b[d] for d in pred_a)
     print(f"{args.model}, suite {args.suite}: {len(reqs)} requests, {len(pred_a)} documents; "
-          f"{tokens} tokens as HFLM runs them, {packed} packed as trees ({padded} with padding), "
+          f"{tokens} tokens in the requests, {packed} packed as trees ({padded} with padding), "
           f"{scored} scored; median of {args.repeats}")  # fmt: skip
     for name, (backend, dtype) in setups.items():
         t = statistics.median(times[name])
