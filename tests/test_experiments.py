@@ -34,8 +34,8 @@ PRESETS = {
     "random": ("random", "independent", []),
     "last": ("last", "contiguous", []),
     "sleb": ("sleb", "independent", []),
-    "ppl": ("ppl", "independent", [("LoraHealing", None)]),
-    "taylor": ("taylor", "independent", [("LoraHealing", None)]),
+    "ppl": ("ppl", "independent", [("LoraHealing", None, None)]),
+    "taylor": ("taylor", "independent", [("LoraHealing", None, None)]),
 }
 
 

@@ -296,7 +296,9 @@ def test_recovery_configs_instantiate_callable_steps(name: str) -> None:
 @pytest.mark.parametrize(
     ("step", "expected"),
     [("layer", LayerReplacement()), ("swiglu", LayerReplacement(kind="swiglu")),
-     ("ffn", LayerReplacement(kind="ffn")), ("ffn_residual", LayerReplacement(kind="ffn_residual")),
+     ("ffn", LayerReplacement(kind="ffn", betas=[0.9, 0.95], warmup_ratio=0.03, min_lr=5e-6,
+                              grad_clip=1.0)),
+     ("ffn_residual", LayerReplacement(kind="ffn_residual")),
      ("layer_lm", LayerReplacement(loss="lm", betas=[0.9, 0.95], grad_clip=1.0)),
      ("linear", LinearReplacement()), ("linear_cosine", LinearReplacement(loss="cosine")),
      ("lora", LoraHealing())],
