@@ -73,7 +73,11 @@ def main() -> None:
     parser.add_argument("--only", choices=("linear", "trained"), default=None)
     parser.add_argument("--cache", default="/tmp/layerprune-activations")
     parser.add_argument("--mirror", default=None, help="the data mirror (default: as the app)")
+    parser.add_argument("--out", type=Path, default=None, help="also write rows here (JSON lines)")
     args = parser.parse_args()
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}}) + "\n")
     if args.mirror is None:
         from layerprune.app import default_mirror
 
@@ -109,7 +113,11 @@ def main() -> None:
             seconds = time.perf_counter() - began
             ppl = perplexity_of_file(model, loaded.tokenizer, wikitext, seq_len=512, batch_size=8,
                                      max_tokens=args.ppl_tokens).ppl  # fmt: skip
-            print(json.dumps(row(name, report, ppl, seconds)), flush=True)
+            line = json.dumps({"block": [start, end], **row(name, report, ppl, seconds)})
+            print(line, flush=True)
+            if args.out is not None:
+                with args.out.open("a") as f:
+                    f.write(line + "\n")
             del model
 
 

@@ -31,6 +31,7 @@ def recovered(
             "train_tokens": 1_048_576, "heldout_mse_identity": 4.0, "heldout_mse_after": 3.0,
             "heldout_mse_identity_fitted": 2.0, "heldout_mse_after_fitted": 0.5,
             "heldout_cosine_identity": 0.9, "heldout_cosine_after": 0.95,
+            "settings": {"loss": "mse", "exclude_positions": [0], "exclude_outliers": 10.0},
         }
     ]  # fmt: skip
     (folder / "metrics.json").write_text(json.dumps(record))
@@ -75,6 +76,7 @@ def test_the_report_writes_the_paired_recovery_table(tmp_path: Path) -> None:
     with (tmp_path / "out" / "recovery.csv").open() as f:
         (row,) = list(csv.DictReader(f))
     assert (row["Method"], row["Block"], row["Train tokens"]) == ("layer", "[2, 5)", "1048576")
+    assert (row["Loss"], row["Left out"]) == ("mse", "pos 0; > 10x median")
     assert (row["MSE plain"], row["MSE"], row["MSE fitted plain"], row["MSE fitted"]) == (
         "4.0",
         "3.0",
@@ -84,7 +86,10 @@ def test_the_report_writes_the_paired_recovery_table(tmp_path: Path) -> None:
     assert (row["PPL"], row["PPL plain"], row["Control"]) == ("30.0", "60.0", "plain_3")
     assert (row["Avg"], row["Avg plain"]) == ("0.5", "0.4")
     markdown = (tmp_path / "out" / "recovery.md").read_text()
-    assert "| tiny | layer | [2, 5) | 1,048,576 | 4 | 3 | 2 | 0.5 |" in markdown
+    assert (
+        "| tiny | layer | [2, 5) | mse | pos 0; > 10x median | 1,048,576 | 4 | 3 | 2 | 0.5 |"
+        in markdown
+    )
     main_table = to_markdown(build_table(choose(load_runs([runs])))).splitlines()
     assert "Train tokens" in main_table[0]
     assert any("| layer | 2 | 30.0 | 1,048,576 |" in line for line in main_table)

@@ -125,6 +125,17 @@ def _fit(report: dict[str, Any], side: str, metric: str, fitted: bool) -> Any:
     return report.get(f"heldout_{metric}_{side}" + ("_fitted" if fitted else ""))
 
 
+def objective(report: dict[str, Any]) -> dict[str, Any]:
+    """What a block step fitted: its loss and the tokens it left out ("pos 0", "> 10x median"),
+    which tell apart rows of the same method (older runs recorded neither: None)."""
+    settings = report.get("settings") or {}
+    positions, outliers = settings.get("exclude_positions"), settings.get("exclude_outliers")
+    left = [f"pos {', '.join(map(str, positions))}"] if positions else []
+    left += [f"> {outliers:g}x median"] if outliers is not None else []
+    known = "exclude_positions" in settings
+    return {"Loss": settings.get("loss"), "Left out": "; ".join(left) or "none" if known else None}
+
+
 def recovery_rows(
     pairs: Sequence[tuple[Run, Run | None]],
     label: Any,
@@ -145,6 +156,7 @@ def recovery_rows(
             "Model": _get(run, "config.model.name"),
             "Method": label(run["config"]),
             "Block": f"[{start}, {start + size})",
+            **objective(report),
             "Train tokens": train_tokens(run),
             "Control": Path(control["run_dir"]).name if control else None,
         }
@@ -161,7 +173,7 @@ def recovery_rows(
         row["ΔAvg vs plain"], row["ΔAvg vs plain ±"] = paired or (None, None)
         rows.append(row)
     fits = [f"{n}{w}{s}" for n in ("MSE", "cos") for w in ("", " fitted") for s in (" plain", "")]
-    columns = ["Model", "Method", "Block", "Train tokens", *fits]
+    columns = ["Model", "Method", "Block", "Loss", "Left out", "Train tokens", *fits]
     columns += [c for p in ppl for c in (p, f"{p} plain")]
     columns += ["Avg", "Avg plain", "ΔAvg vs plain", "Control"]
     return columns, rows
