@@ -26,6 +26,20 @@ SHAPES = {
 }
 
 
+def parser(doc: str | None, n: int, seq_len: int) -> argparse.ArgumentParser:
+    """The options every model benchmark takes; ``n`` and ``seq_len`` are its defaults."""
+    out = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    out.add_argument("--model", default="smollm2_135m", help="a conf/model config name")
+    out.add_argument("--shape", choices=sorted(SHAPES), help="random-init model of this shape")
+    out.add_argument("--n", type=int, default=n, help="calibration windows")
+    out.add_argument("--seq-len", type=int, default=seq_len)
+    out.add_argument("--batch-size", type=int, default=8)
+    out.add_argument("--repeats", type=int, default=3)
+    out.add_argument("--device", default="auto")
+    out.add_argument("--mirror", default=str(MIRROR))
+    return out
+
+
 def load(args: argparse.Namespace) -> LoadedModel:
     """``--shape``: a random-init model of that shape; else the ``--model`` config."""
     if args.shape:

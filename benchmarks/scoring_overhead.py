@@ -12,12 +12,11 @@ needs only torch and transformers.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from collections.abc import Callable
 
 import torch
-from common import MIRROR, SHAPES, load, windows
+from common import load, parser, windows
 
 from layerprune.layers import decoder_stack
 from layerprune.resources import measure
@@ -25,18 +24,8 @@ from layerprune.scoring import collect_layer_stats
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--model", default="smollm2_135m", help="a conf/model config name")
-    parser.add_argument("--shape", choices=sorted(SHAPES), help="random-init model of this shape")
-    parser.add_argument("--n", type=int, default=32, help="calibration windows")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--mirror", default=str(MIRROR))
-    args = parser.parse_args()
+    cli = parser(__doc__, n=32, seq_len=512)
+    args = cli.parse_args()
 
     loaded = load(args)
     model, device = loaded.model, next(loaded.model.parameters()).device

@@ -18,12 +18,11 @@ of a real architecture (times like the real weights).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 
 import torch
-from common import MIRROR, SHAPES, load, windows
+from common import load, parser, windows
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -101,19 +100,9 @@ def masked_sleb(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--model", default="smollm2_135m", help="a conf/model config name")
-    parser.add_argument("--shape", choices=sorted(SHAPES), help="random-init model of this shape")
-    parser.add_argument("--n", type=int, default=2, help="calibration windows")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=2, help="SLEB removals")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--mirror", default=str(MIRROR))
-    args = parser.parse_args()
+    cli = parser(__doc__, n=2, seq_len=256)
+    cli.add_argument("--steps", type=int, default=2, help="SLEB removals")
+    args = cli.parse_args()
 
     loaded = load(args)
     model, device = loaded.model, next(loaded.model.parameters()).device

@@ -157,6 +157,13 @@ def _bar(total: int, desc: str, show: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="layer", disable=not show)
 
 
+def ends(num_layers: int, first: int, last: int) -> list[int]:
+    """The first ``first`` and the last ``last`` of ``num_layers`` layers, in order."""
+    head = range(min(first, num_layers))
+    tail = range(max(num_layers - last, 0), num_layers)
+    return sorted(set(head) | set(tail))
+
+
 class SLEB(ModelScorer):
     """SLEB: greedy removal of the layer whose absence raises the calibration NLL least.
 
@@ -177,9 +184,7 @@ class SLEB(ModelScorer):
     def protected(self, num_layers: int) -> list[int]:
         """The first ``early_barrier`` layers are always the first remaining ones (and the
         last ``latter_barrier`` the last), so the barriers never let them go."""
-        first = range(min(self.early_barrier, num_layers))
-        last = range(max(num_layers - self.latter_barrier, 0), num_layers)
-        return sorted(set(first) | set(last))
+        return ends(num_layers, self.early_barrier, self.latter_barrier)
 
     def protection(self) -> str:
         return (
@@ -235,9 +240,7 @@ class _KeepEnds(ModelScorer):
         self.keep_last = _count(self.name, "keep_last", keep_last, 0)
 
     def protected(self, num_layers: int) -> list[int]:
-        first = range(min(self.keep_first, num_layers))
-        last = range(max(num_layers - self.keep_last, 0), num_layers)
-        return sorted(set(first) | set(last))
+        return ends(num_layers, self.keep_first, self.keep_last)
 
     def protection(self) -> str:
         return (
