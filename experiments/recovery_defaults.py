@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--trained-tokens", type=int, default=4 * 115 * 512)
     parser.add_argument("--ppl-tokens", type=int, default=8192)
     parser.add_argument("--only", choices=("linear", "trained"), default=None)
+    parser.add_argument("--variants", nargs="+", default=None, help="these names only")
     parser.add_argument("--cache", default="/tmp/layerprune-activations")
     parser.add_argument("--mirror", default=None, help="the data mirror (default: as the app)")
     parser.add_argument("--out", type=Path, default=None, help="also write rows here (JSON lines)")
@@ -96,6 +97,8 @@ def main() -> None:
             continue
         print(f"\n{group}: block [{start}, {end}), {len(train)} + {held} windows of {args.seq_len}")
         for name, settings in variants.items():
+            if args.variants is not None and name not in args.variants:
+                continue
             model = copy.deepcopy(loaded.model)
             began, report = time.perf_counter(), None
             removed = list(range(start, end))
