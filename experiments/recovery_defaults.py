@@ -76,13 +76,13 @@ def main() -> None:
     parser.add_argument("--mirror", default=None, help="the data mirror (default: as the app)")
     parser.add_argument("--out", type=Path, default=None, help="also write rows here (JSON lines)")
     args = parser.parse_args()
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}}) + "\n")
     if args.mirror is None:
         from layerprune.app import default_mirror
 
         args.mirror = default_mirror()
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}}) + "\n")
     loaded = load(args.model)
     text = Path(args.mirror) / "text"
     windows = TextFile(n=args.windows, seq_len=args.seq_len, path=str(text / "wiki.txt"))
