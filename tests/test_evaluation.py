@@ -284,6 +284,7 @@ def test_without_a_suite_the_evaluator_does_nothing(tmp_path: Path) -> None:
          {"wikitext2_tokenized_test": 512}),
         ("standard", 7, 500, {"hellaswag", "arc_challenge", "openbookqa"},
          {"wikitext2": 1024, "c4": 1024}),
+        ("ablation", 5, 50, {"hellaswag"}, {"wikitext2": 1024, "c4": 1024}),
         ("lm_eval_paper", 10, None, {"hellaswag", "arc_challenge", "openbookqa"},
          {"wikitext2_tokenized_test": 2048}),
         ("shortgpt_paper", 6, None, {"hellaswag"}, {}),
@@ -303,6 +304,8 @@ def test_presets_build_on_the_shared_base(
     for spec in suite.texts():
         assert Path(spec.path).is_file()
     assert (suite.note or "").startswith("smoke test: 50 documents per task") == (preset == "quick")
+    if preset == "ablation":
+        assert "is a smoke check" in (suite.note or "")
     assert ("CMNLI" in suite.unavailable) == (preset in ("shortgpt_paper", "streamline_paper"))
 
 
