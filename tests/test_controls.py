@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from layerprune.controls import control_overrides, missing_controls, pair, train_tokens
+from layerprune.controls import control_overrides, missing_controls, pair, run_name, train_tokens
 from layerprune.report import build_table, choose, load_runs, main, to_markdown
 
 from .test_report import write_run
@@ -120,3 +120,8 @@ def test_the_control_of_the_linear_fold_keeps_the_block_off_layer_0(tmp_path: Pa
     assert control_overrides(run)[-3:] == ["sparsity_unit=layers", "++first_start=1",
                                            "++method=removal"]  # fmt: skip
     assert control_overrides(run).count("++first_start=1") == 1
+
+
+def test_a_multirun_job_is_named_by_its_sweep_and_number() -> None:
+    assert run_name("/r/sweep/3_recovery=layer,seed=1") == "sweep/3"
+    assert run_name("/r/2026-11-24/10-03-24-21741") == "10-03-24-21741"

@@ -14,6 +14,7 @@ runs kept their per-document samples.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -125,6 +126,13 @@ def _fit(report: dict[str, Any], side: str, metric: str, fitted: bool) -> Any:
     return report.get(f"heldout_{metric}_{side}" + ("_fitted" if fitted else ""))
 
 
+def run_name(run_dir: str) -> str:
+    """A run folder's name; a multirun job's (``N_key=value,...``) as ``sweep/N``."""
+    path = Path(run_dir)
+    number = re.match(r"(\d+)_", path.name)
+    return f"{path.parent.name}/{number[1]}" if number else path.name
+
+
 def objective(report: dict[str, Any]) -> dict[str, Any]:
     """What a block step fitted: its loss and the tokens it left out ("pos 0", "> 10x median"),
     which tell apart rows of the same method (older runs recorded neither: None)."""
@@ -158,7 +166,7 @@ def recovery_rows(
             "Block": f"[{start}, {start + size})",
             **objective(report),
             "Train tokens": train_tokens(run),
-            "Control": Path(control["run_dir"]).name if control else None,
+            "Control": run_name(control["run_dir"]) if control else None,
         }
         for metric, name in (("mse", "MSE"), ("cosine", "cos")):
             for fitted, where in ((False, ""), (True, " fitted")):
