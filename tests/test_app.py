@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerprune.app import run
+from layerprune.app import job_dirname, run
 from layerprune.errors import LayerpruneError
 from layerprune.models import from_packaged_gguf
 from layerprune.resources import peak_memory, reset_peak_memory
@@ -184,3 +184,12 @@ def test_peak_memory_counts_from_the_reset() -> None:
     with_buffer = peak_memory()["cpu_rss"]
     reset_peak_memory()
     assert with_buffer - peak_memory()["cpu_rss"] > 0.4
+
+
+def test_long_overrides_make_a_job_folder_name_that_fits() -> None:
+    short = "recovery=layer,seed=1"
+    assert job_dirname(short) == short
+    long = ",".join(f"recovery.steps.replace.setting{i}=[{i}]" for i in range(12))
+    name = job_dirname(long)
+    assert len(name.encode()) == 240 and long.startswith(name[:-9]) and name[-9] == "-"
+    assert job_dirname(long + "x") != name  # the digest tells apart what the cut would merge

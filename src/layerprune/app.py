@@ -5,6 +5,7 @@ Hydra's run folder. Everything else lives in the library; this module only compo
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import os
 import shutil
@@ -53,6 +54,21 @@ def default_mirror() -> str:
 
 OmegaConf.register_new_resolver("lp_mirror", default_mirror, replace=True)
 OmegaConf.register_new_resolver("lp_pid", os.getpid, replace=True)  # unique run folder names
+
+NAME_BYTES = 240  # a job folder's name; file systems refuse names over 255 bytes
+
+
+def job_dirname(overrides: str, limit: int = NAME_BYTES) -> str:
+    """A multirun job's folder name from its overrides, cut to ``limit`` bytes with a digest of
+    the whole, so that long overrides neither fail the job nor make two folders alike."""
+    if len(overrides.encode()) <= limit:
+        return overrides
+    digest = hashlib.blake2b(overrides.encode(), digest_size=4).hexdigest()
+    head = overrides.encode()[: limit - len(digest) - 1].decode(errors="ignore")
+    return f"{head}-{digest}"
+
+
+OmegaConf.register_new_resolver("lp_dirname", job_dirname, replace=True)
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
