@@ -132,6 +132,15 @@ def test_label_without_a_method_names_scorer_and_recovery() -> None:
     }  # fmt: skip
     assert method_label(config) == "block_influence+ffn+lora"
     assert method_label({"scorer": {"_target_": "layerprune.scoring.Streamline"}}) == "streamline"
+    layer = {"_target_": "layerprune.recovery.LayerReplacement", "kind": "layer", "loss": "mse"}
+    labels = [
+        method_label({**config, "recovery": {"steps": {"replace": {**layer, **settings}}}})
+        for settings in ({}, {"loss": "lm"}, {"exclude_positions": []},
+                         {"loss": "cosine", "exclude_positions": [0]})
+    ]  # fmt: skip
+    assert labels == ["block_influence+layer", "block_influence+layer(lm)",
+                      "block_influence+layer(every token)",
+                      "block_influence+layer(cosine, no pos 0)"]  # fmt: skip
 
 
 def test_group_by_splits_rows_by_config_values(tmp_path: Path) -> None:

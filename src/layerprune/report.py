@@ -120,8 +120,18 @@ def method_label(config: dict[str, Any]) -> str:
     scorer = snake(str(get(config, "scorer._target_")).rsplit(".", 1)[-1])
     steps = get(config, "recovery.steps") or []
     steps = steps.values() if isinstance(steps, dict) else steps  # a list in older runs
-    names = [s.get("kind") or snake(s["_target_"].rsplit(".", 1)[-1]).split("_")[0] for s in steps]
-    return "+".join([scorer, *names])
+    return "+".join([scorer, *map(step_label, steps)])
+
+
+def step_label(step: dict[str, Any]) -> str:
+    """A recovery step's name, with its objective where that is not the default: a loss other
+    than mse, and the positions left out where they are set (``[]``: every token)."""
+    name = step.get("kind") or snake(step["_target_"].rsplit(".", 1)[-1]).split("_")[0]
+    extras = [step["loss"]] if step.get("loss") not in (None, "mse") else []
+    positions = step.get("exclude_positions")
+    if positions is not None:
+        extras.append(f"no pos {','.join(map(str, positions))}" if positions else "every token")
+    return f"{name}({', '.join(extras)})" if extras else name
 
 
 def short(value: Any) -> str:
