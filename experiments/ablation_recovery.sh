@@ -23,9 +23,9 @@ sweep() {  # NAME OVERRIDES...: one multirun in its own sweep folder
 }
 sweep sweep recovery=none,linear,linear_cosine,layer,ffn,ffn_residual,swiglu,layer_lm "$@"
 sweep sweep_position0 recovery=layer,ffn,ffn_residual,swiglu \
-  'recovery.steps.replace.exclude_positions=[]' "$@"
-sweep sweep_position0_linear recovery=linear 'recovery.steps.linear.exclude_positions=[]' "$@"
-sweep sweep_position0_cosine recovery=linear_cosine 'recovery.steps.linear.exclude_positions=[0]' \
+  '++recovery.steps.replace.exclude_positions=[]' "$@"
+sweep sweep_position0_linear recovery=linear '++recovery.steps.linear.exclude_positions=[]' "$@"
+sweep sweep_position0_cosine recovery=linear_cosine '++recovery.steps.linear.exclude_positions=[0]' \
   "$@"
 # The controls: the same scorer and statistics pick the same block of that many layers.
 while IFS= read -r overrides; do
