@@ -200,8 +200,8 @@ def test_evaluator_runs_dense_through_the_cache_then_pruned_and_writes_samples(
     record = evaluated["eval"]
     assert list(record) == ["tasks", "average", "rp", "rp_ci", "stability", "perplexity",
                             "metrics", "n_samples", "unavailable", "uncertainty", "sampling",
-                            "note", "dense_from_cache"]  # fmt: skip
-    assert record["dense_from_cache"] is False
+                            "note", "dense_from_cache", "pruned_from_cache"]  # fmt: skip
+    assert record["dense_from_cache"] is False and record["pruned_from_cache"] is False
     # 4 random documents of each task, recorded by id; both sides answered the same ones
     sampling = record["sampling"]
     assert (sampling["method"], sampling["limit"], sampling["seed"]) == ("random", 4, 0)
@@ -243,6 +243,37 @@ def test_evaluator_runs_dense_through_the_cache_then_pruned_and_writes_samples(
     assert again.pruned(loaded, tmp_path / "run2")["eval"]["metrics"]["dense"] == dense.metrics
     other = load("tiny_llama", seed="1")
     assert again.cache_key(other)["model"] != again.cache_key(dense_model)["model"]
+
+
+def test_a_plain_removal_is_evaluated_once_per_cache_key_and_layers(tmp_path: Path) -> None:
+    tasks = local_task(tmp_path)
+    suite = EvalSuite(tasks=["tiny_mc"], limit=6, batch_size=4, include_path=str(tasks))
+    cache = tmp_path / "cache"
+    first = Evaluator(suite, MIRROR, cache)
+    loaded = load("tiny_llama")
+    first.dense(loaded)
+    remove_layers(loaded.model, [1, 2])
+    computed = first.pruned(loaded, tmp_path / "a", removed=[2, 1])["eval"]
+    assert computed["pruned_from_cache"] is False
+    assert first.lm_eval_results is not None  # lm-eval's own results when computed
+    # Another evaluator on another copy of the same removal reads it back: the same record and
+    # samples; the reference is the direct evaluation of that copy.
+    again = Evaluator(suite, MIRROR, cache)
+    copy = load("tiny_llama")
+    again.dense(copy)
+    remove_layers(copy.model, [1, 2])
+    reused = again.pruned(copy, tmp_path / "b", removed=[1, 2])["eval"]
+    assert reused["pruned_from_cache"] is True
+    direct = evaluate(copy, suite, prepare(suite, MIRROR, tmp_path / "work"))
+    assert reused["metrics"]["pruned"] == direct.metrics == computed["metrics"]["pruned"]
+    assert read_samples(tmp_path / "b/samples/pruned/tiny_mc.jsonl.gz") == direct.samples["tiny_mc"]
+    assert "the same removal's eval reused from the cache" in again.table({"eval": reused})
+    # other layers, or no layers named (a recovered model), are evaluated afresh
+    other = load("tiny_llama")
+    again.dense(other)
+    remove_layers(other.model, [1, 3])
+    assert again.pruned(other, tmp_path / "c", removed=[1, 3])["eval"]["pruned_from_cache"] is False
+    assert again.pruned(copy, tmp_path / "d")["eval"]["pruned_from_cache"] is False
 
 
 def test_the_cache_key_holds_model_device_suite_and_data(tmp_path: Path) -> None:

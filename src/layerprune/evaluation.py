@@ -17,6 +17,7 @@ import logging
 import math
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -517,9 +518,11 @@ class Evaluator:
         self.source = prepare(suite, mirror, cache_root(cache_dir) / "tasks")
         self.documents = chosen_documents(suite, self.source)
         self.cache = JsonCache("dense_eval", cache_dir)
+        self.removal_cache = JsonCache("removal_eval", cache_dir)
         self._dense: Evaluation | None = None
         self._dense_hit = False
         self._pruned: Evaluation | None = None
+        self._pruned_hit = False
 
     def cache_key(self, loaded: LoadedModel) -> dict[str, Any]:
         """Everything a dense evaluation depends on: model, device, suite and data."""
@@ -542,19 +545,44 @@ class Evaluator:
         self._dense, self._dense_hit = Evaluation.from_dict(payload), hit
         return hit
 
-    def pruned(self, loaded: LoadedModel, out: Path, stage: Stage = untimed) -> dict[str, Any]:
+    def pruned(
+        self,
+        loaded: LoadedModel,
+        out: Path,
+        stage: Stage = untimed,
+        removed: Sequence[int] | None = None,
+    ) -> dict[str, Any]:
         """Evaluate the pruned model, write both sides' samples under ``out/samples`` and
-        return ``{"eval": record}`` for metrics.json."""
+        return ``{"eval": record}`` for metrics.json.
+
+        ``removed``: the pruned model is the original (``loaded.fingerprint``) with these layers
+        removed and nothing else changed. Such a model is evaluated once per cache key and
+        layers, like the dense one, so that a search and the runs of several criteria that
+        reach the same plan (or a run started again) share one evaluation."""
         if self._dense is None:
             raise RuntimeError("Evaluator.pruned needs Evaluator.dense on the original model first")
+
+        fresh: list[Evaluation] = []  # kept whole: lm-eval's own results are not cached
+
+        def run() -> dict[str, Any]:
+            fresh.append(evaluate(loaded, self.suite, self.source, self.documents))
+            return fresh[0].to_dict()
+
         with stage("eval_pruned"):
-            self._pruned = evaluate(loaded, self.suite, self.source, self.documents)
+            if removed is None:
+                run()
+            else:
+                key = {**self.cache_key(loaded), "removed": sorted(removed)}
+                payload, _ = self.removal_cache.get_or_compute(key, run)
+            self._pruned_hit = not fresh
+            self._pruned = fresh[0] if fresh else Evaluation.from_dict(payload)
         for label, evaluation in (("dense", self._dense), ("pruned", self._pruned)):
             for task, samples in evaluation.samples.items():
                 write_samples(out / "samples" / label / f"{task}.jsonl.gz", samples)
         comparison = compare(self.suite, self.source, self._dense, self._pruned)
         return {"eval": {**comparison, "sampling": self.sampling(), "note": self.suite.note,
-                         "dense_from_cache": self._dense_hit}}  # fmt: skip
+                         "dense_from_cache": self._dense_hit,
+                         "pruned_from_cache": self._pruned_hit}}  # fmt: skip
 
     def sampling(self) -> dict[str, Any]:
         """Which documents were evaluated: ``method`` (random, first, given or all), ``limit``,
@@ -575,6 +603,8 @@ class Evaluator:
         """The printed summary of what :meth:`pruned` returned."""
         record = evaluated["eval"]
         origin = "reused from the cache" if record["dense_from_cache"] else "computed"
+        if record.get("pruned_from_cache"):
+            origin += "; the same removal's eval reused from the cache"
         note = f"{record['note']}\n" if record.get("note") else ""
         return f"{note}dense eval {origin}\n{table(record)}"
 

@@ -8,7 +8,7 @@ and plain settings; it never sees a Hydra config, so the same job can be built i
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,8 +46,15 @@ class Evaluator(Protocol):
 
     def dense(self, loaded: LoadedModel, stage: Stage = untimed) -> bool: ...
 
-    def pruned(self, loaded: LoadedModel, out: Path, stage: Stage = untimed) -> dict[str, Any]:
-        """``{"eval": record}`` for metrics.json (empty when there is no evaluation)."""
+    def pruned(
+        self,
+        loaded: LoadedModel,
+        out: Path,
+        stage: Stage = untimed,
+        removed: Sequence[int] | None = None,
+    ) -> dict[str, Any]:
+        """``{"eval": record}`` for metrics.json (empty when there is no evaluation);
+        ``removed``: the model is the dense one without these layers, nothing else changed."""
         ...
 
     def table(self, evaluated: dict[str, Any]) -> str: ...
@@ -62,7 +69,13 @@ class NoEvaluator:
     def dense(self, loaded: LoadedModel, stage: Stage = untimed) -> bool:
         return False
 
-    def pruned(self, loaded: LoadedModel, out: Path, stage: Stage = untimed) -> dict[str, Any]:
+    def pruned(
+        self,
+        loaded: LoadedModel,
+        out: Path,
+        stage: Stage = untimed,
+        removed: Sequence[int] | None = None,
+    ) -> dict[str, Any]:
         return {}
 
     def table(self, evaluated: dict[str, Any]) -> str:
@@ -293,7 +306,8 @@ def run(job: Job, out: Path) -> dict[str, Any]:
         reports = job.recovery.apply(loaded, plan.removed_layers, train_windows)
     plan = replace(plan, params_after=param_count(loaded.model))  # net of replacements
     log.info("%s", summary(loaded, plan, scores_hit))
-    evaluated = job.evaluator.pruned(loaded, out, timer.stage)
+    plain = None if reports else plan.removed_layers  # plain removal: its evaluation is shared
+    evaluated = job.evaluator.pruned(loaded, out, timer.stage, plain)
     if table := job.evaluator.table(evaluated):
         log.info("%s", table)
     scores = scores_record(loaded, job.calibration, stats, len(plan.removed_layers), measured)

@@ -207,12 +207,13 @@ def prefill_seconds(
 def evaluate_candidate(
     loaded: LoadedModel, candidate: Candidate, evaluator: Evaluator, out: Path
 ) -> None:
-    """The evaluator's record of a pruned copy; its average over tasks is the accuracy."""
+    """The evaluator's record of a pruned copy; its average over tasks is the accuracy. The
+    evaluation of a plain removal is cached, so a search started again skips what it evaluated."""
     pruned = copy.deepcopy(loaded.model)
     remove_layers(pruned, candidate.removed)
     name = f"{loaded.name}-without-{'-'.join(map(str, candidate.removed))}"
     copy_of = LoadedModel(pruned, loaded.tokenizer, name, loaded.fingerprint, loaded.source)
-    record = evaluator.pruned(copy_of, out).get("eval")
+    record = evaluator.pruned(copy_of, out, removed=candidate.removed).get("eval")
     if record:
         candidate.evaluation = record
         candidate.accuracy = float(record["average"]["pruned"])
