@@ -20,6 +20,7 @@ from layerprune.errors import LayerpruneError
 from layerprune.models import LoadedModel
 from layerprune.pipeline import NoEvaluator
 from layerprune.search import (
+    BudgetResult,
     Candidate,
     SearchSettings,
     evaluated_ranks,
@@ -164,6 +165,55 @@ def test_a_spread_of_ranks_is_evaluated_and_the_headline_is_the_mean_per_budget(
     assert "(spread over the ranks)" in table and "mean over budgets: 1.000" in table
 
 
+def test_the_presets_plans_are_evaluated_too_and_compared_with_the_chosen_one(
+    tmp_path: Path,
+) -> None:
+    from layerprune.evaluation import EvalSuite, Evaluator
+    from layerprune.stability import read_samples
+
+    from .test_evaluation import local_task
+
+    loaded = load("tiny_llama")
+    calibration = TextFile(n=4, seq_len=32, path=str(MIRROR / "text" / "wiki.txt"))
+    suite = EvalSuite(tasks=["tiny_mc"], batch_size=4, include_path=str(local_task(tmp_path)))
+    proposers = [(f"random/{s}", lp.Random(s)) for s in range(6)]
+    settings = SearchSettings(budgets=(2,), unit="layers", heldout=3, top_k=1,
+                              prefill_repeats=1, also_evaluate=("random/5",))  # fmt: skip
+
+    def searched(out: Path) -> list[Candidate]:
+        evaluator = Evaluator(suite, MIRROR, tmp_path / "cache")
+        evaluator.dense(loaded)
+        (result,) = search(loaded, calibration, proposers, settings, evaluator, out,
+                           cache_dir=str(tmp_path / "cache"))  # fmt: skip
+        return result.candidates
+
+    order = searched(tmp_path / "first")
+    other = next(i for i, c in enumerate(order) if "random/5" in c.proposers)
+    assert other > 0, "pick a proposer whose plan is not the chosen one"
+    evaluated = [i for i, c in enumerate(order) if c.evaluation is not None]
+    assert evaluated == [0, other] and order[0].vs_chosen is None
+
+    # the paired difference by hand: per document, correct minus the chosen plan's correct
+    def correct(rank: int) -> dict[int, float]:
+        path = tmp_path / "first" / f"budget-2/rank{rank + 1}/samples/pruned/tiny_mc.jsonl.gz"
+        return {s.doc_id: float(s.pred_acc == s.gold) for s in read_samples(path)}
+
+    mine, chosen = correct(other), correct(0)
+    by_hand = sum(mine[d] - chosen[d] for d in chosen) / len(chosen)
+    paired = order[other].vs_chosen
+    assert paired is not None and paired["delta"] == pytest.approx(by_hand)
+    assert paired["delta"] == pytest.approx(order[other].accuracy - order[0].accuracy)
+    assert paired["lo"] <= paired["delta"] <= paired["hi"]
+    row = next(line for line in search_table(search_record(loaded, [BudgetResult(
+        2, 2, order, {}, [0, other], "top", ("random/5",))], {})).splitlines()
+        if line.startswith(f"| {other + 1} |"))  # fmt: skip
+    assert f"{100 * paired['delta']:+.1f} [{100 * paired['lo']:+.1f}, " in row
+    # started again (another folder), the search reads both evaluations back from the cache
+    again = searched(tmp_path / "again")
+    assert [c.evaluation["pruned_from_cache"] for c in again if c.evaluation] == [True, True]
+    assert again[other].vs_chosen == paired
+
+
 def test_evaluated_ranks() -> None:
     assert evaluated_ranks(10, 3, "top") == [0, 1, 2]
     assert evaluated_ranks(10, 3, "spread") == [0, 4, 9]
@@ -207,6 +257,12 @@ def test_spearman_and_front_on_hand_examples() -> None:
         ("search.top_k=0", "search.top_k: 0; allowed: an integer >= 1"),
         ("search.evaluate=all", "search.evaluate: all; allowed: top, spread"),
         ("+search.settings.angular.x=1", "search.settings: {'ppl': {'keep_first': 1, "),
+        ("search.also_evaluate=3", "search.also_evaluate: 3; allowed: a list of proposer labels"),
+        (
+            "search.also_evaluate=[ppl/contiguous]",
+            "search.also_evaluate: ['ppl/contiguous']; "
+            "allowed: labels of this search's proposers: block_influence/independent, ",
+        ),
     ],
 )
 def test_bad_search_settings_fail_before_any_model(

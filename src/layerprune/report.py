@@ -668,15 +668,20 @@ RECOVERY_NOTE = (
 )
 
 
-def paired_average(a: Run, b: Run) -> tuple[float, float] | None:
-    """Average accuracy of ``a`` minus ``b`` on the same documents, and its interval's
-    half-width."""
+def paired_comparison(a: Run, b: Run) -> Comparison | None:
+    """Average accuracy of ``a`` minus ``b`` on the same documents, with its paired interval;
+    None unless both kept their samples of the same documents."""
     sa, sb = pruned_samples(a), pruned_samples(b)
     if not sa or not sb or not same_documents(sa, sb):
         return None
     seed, iters = uncertainty(a)
-    average = compare_pair(sa, sb, ("a", "b"), seed, iters)[-1]
-    return average.delta, (average.ci[1] - average.ci[0]) / 2
+    return compare_pair(sa, sb, ("a", "b"), seed, iters)[-1]
+
+
+def paired_average(a: Run, b: Run) -> tuple[float, float] | None:
+    """:func:`paired_comparison` as the difference and its interval's half-width."""
+    average = paired_comparison(a, b)
+    return None if average is None else (average.delta, (average.ci[1] - average.ci[0]) / 2)
 
 
 def recovery_table(runs: list[Run]) -> Table | None:

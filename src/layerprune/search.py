@@ -9,7 +9,9 @@ perplexity. Both come from the dense model's cached boundary states
 (:class:`~layerprune.engine.SkipEngine`): a candidate runs from its first removed layer on. The
 best ``top_k`` (``evaluate="top"``), or ``top_k`` spread over the proxy's ranks from the best to
 the worst (``evaluate="spread"``), are timed (prefill of the held-out windows on a pruned copy)
-and evaluated with the run's evaluator. :func:`spearman` tells, per budget, how well the proxy
+and evaluated with the run's evaluator, with the plans of the proposers named in
+``also_evaluate`` (a preset's own plan, say); every evaluated plan is compared with the chosen
+one, paired on the same documents. :func:`spearman` tells, per budget, how well the proxy
 ranked what was evaluated (the headline is the mean over budgets: candidates of different
 budgets are not pooled, since the budget alone would correlate them), and :func:`front` which
 of them no other beats in both quality and cost, over all budgets. A model scorer is measured
@@ -66,6 +68,8 @@ class Candidate:
     prefill_s: float | None = None  # median seconds of a prefill of the held-out windows
     accuracy: float | None = None  # the evaluation's average over tasks
     evaluation: dict[str, Any] | None = None
+    samples: str | None = None  # the evaluation's folder, relative to the search's
+    vs_chosen: dict[str, float] | None = None  # accuracy minus the chosen plan's, paired
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +83,7 @@ class SearchSettings:
     top_k: int = 3  # candidates timed and evaluated per budget
     prefill_repeats: int = 3
     evaluate: str = "top"  # which candidates: the best top_k, or top_k spread over the ranks
+    also_evaluate: tuple[str, ...] = ()  # proposers whose plans are evaluated too, every budget
 
 
 EVALUATE = ("top", "spread")
@@ -204,19 +209,49 @@ def prefill_seconds(
     return statistics.median(times)
 
 
+def ranks_to_evaluate(order: Sequence[Candidate], settings: SearchSettings) -> list[int]:
+    """:func:`evaluated_ranks`, and the rank of every plan a proposer of ``also_evaluate``
+    made (so that the chosen plan can be compared with the presets' own)."""
+    ranks = set(evaluated_ranks(len(order), settings.top_k, settings.evaluate))
+    also = set(settings.also_evaluate)
+    ranks |= {i for i, c in enumerate(order) if also & set(c.proposers)}
+    return sorted(ranks)
+
+
 def evaluate_candidate(
-    loaded: LoadedModel, candidate: Candidate, evaluator: Evaluator, out: Path
+    loaded: LoadedModel, candidate: Candidate, evaluator: Evaluator, out: Path, where: str
 ) -> None:
-    """The evaluator's record of a pruned copy; its average over tasks is the accuracy. The
-    evaluation of a plain removal is cached, so a search started again skips what it evaluated."""
+    """The evaluator's record of a pruned copy, its samples under ``out/where``; its average
+    over tasks is the accuracy. The evaluation of a plain removal is cached, so a search
+    started again skips what it evaluated."""
     pruned = copy.deepcopy(loaded.model)
     remove_layers(pruned, candidate.removed)
     name = f"{loaded.name}-without-{'-'.join(map(str, candidate.removed))}"
     copy_of = LoadedModel(pruned, loaded.tokenizer, name, loaded.fingerprint, loaded.source)
-    record = evaluator.pruned(copy_of, out, removed=candidate.removed).get("eval")
+    record = evaluator.pruned(copy_of, out / where, removed=candidate.removed).get("eval")
     if record:
-        candidate.evaluation = record
+        candidate.evaluation, candidate.samples = record, where
         candidate.accuracy = float(record["average"]["pruned"])
+
+
+def compare_with_chosen(order: Sequence[Candidate], out: Path) -> None:
+    """Each evaluated plan's accuracy minus the chosen plan's (rank 1), on the same documents:
+    the paired bootstrap interval over documents of ``layerprune-report``'s comparisons. Plans
+    whose evaluation kept no per-document samples get none."""
+    from layerprune.report import paired_comparison
+
+    def as_run(c: Candidate) -> dict[str, Any]:
+        return {"run_dir": str(out / (c.samples or "")), "eval": c.evaluation}
+
+    chosen = order[0] if order else None
+    if chosen is None or chosen.evaluation is None:
+        return
+    for candidate in order[1:]:
+        if candidate.evaluation is not None:
+            paired = paired_comparison(as_run(candidate), as_run(chosen))
+            if paired is not None:
+                lo, hi = paired.ci
+                candidate.vs_chosen = {"delta": paired.delta, "lo": lo, "hi": hi}
 
 
 def quality(candidate: Candidate) -> float | None:
@@ -234,6 +269,7 @@ class BudgetResult:
     skipped: dict[str, str] = field(default_factory=dict)  # proposer -> why it made no plan
     evaluated: list[int] = field(default_factory=list)  # ranks (0 = best) timed and evaluated
     evaluate: str = "top"
+    also_evaluate: tuple[str, ...] = ()
 
     @property
     def chosen(self) -> Candidate | None:
@@ -248,6 +284,7 @@ class BudgetResult:
             "candidates": [c.to_dict() for c in self.candidates],
             "skipped": self.skipped,
             "evaluate": self.evaluate,
+            "also_evaluate": list(self.also_evaluate),
             "evaluated_ranks": [r + 1 for r in self.evaluated],
             "spearman_proxy_accuracy": spearman(
                 [-(c.kl or 0.0) for c in evaluated], [c.accuracy or 0.0 for c in evaluated]
@@ -300,14 +337,14 @@ def search(
         found = candidates(proposals)
         measure_proxy(engine, found)
         order = ranked(found)
-        ranks = evaluated_ranks(len(order), settings.top_k, settings.evaluate)
+        ranks = ranks_to_evaluate(order, settings)
         for rank in ranks:
             candidate = order[rank]
             candidate.prefill_s = prefill_seconds(
                 loaded.model, candidate.removed, heldout, settings.prefill_repeats
             )
-            where = out / f"budget-{budget}" / f"rank{rank + 1}"
-            evaluate_candidate(loaded, candidate, evaluator, where)
+            evaluate_candidate(loaded, candidate, evaluator, out, f"budget-{budget}/rank{rank + 1}")
+        compare_with_chosen(order, out)
         if order:
             log.info(
                 "budget %s (%d layers): %d distinct plans from %d proposers; best %s by %s",
@@ -315,7 +352,8 @@ def search(
             )  # fmt: skip
         else:
             log.warning("budget %s (%d layers): no proposer makes a plan: %s", budget, k, skipped)
-        results.append(BudgetResult(budget, k, order, skipped, ranks, settings.evaluate))
+        also = settings.also_evaluate
+        results.append(BudgetResult(budget, k, order, skipped, ranks, settings.evaluate, also))
     return results
 
 
@@ -350,27 +388,50 @@ def _cell(value: float | None, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def _accuracy(c: dict[str, Any]) -> str:
+    """The average accuracy in points, ± the half-width of its 95% interval where recorded."""
+    if c["accuracy"] is None:
+        return "–"
+    ci = ((c.get("evaluation") or {}).get("average") or {}).get("pruned_ci")
+    pm = f" ± {50 * (ci['hi'] - ci['lo']):.1f}" if ci else ""
+    return f"{100 * c['accuracy']:.1f}{pm}"
+
+
+def _versus(paired: dict[str, float] | None) -> str:
+    """Δ in points with its 95% interval; "undecided" where the interval holds zero."""
+    if paired is None:
+        return "–"
+    lo, hi = 100 * paired["lo"], 100 * paired["hi"]
+    undecided = " undecided" if lo <= 0 <= hi else ""
+    return f"{100 * paired['delta']:+.1f} [{lo:+.1f}, {hi:+.1f}]{undecided}"
+
+
 def search_table(record: dict[str, Any]) -> str:
     """Markdown: per budget, its candidates best first (the chosen one is rank 1), which of
-    them were evaluated, then the correlations and the fronts."""
+    them were evaluated (accuracy in points ± the half-width of its 95% interval; Δ vs rank 1:
+    the paired difference from the chosen plan with its interval), then the correlations and
+    the fronts."""
     before = record["params_before"]
     lines = [f"# Budgeted search: {record['model']['name']}", ""]
     for budget in record["budgets"]:
         ranks = budget["evaluated_ranks"]
         which = "the best by the proxy" if budget["evaluate"] == "top" else "spread over the ranks"
+        if also := budget.get("also_evaluate"):
+            which += f", and the plans of {', '.join(also)}"
         lines += [
             f"## budget {budget['budget']} ({budget['k']} layers)", "",
             f"Timed and evaluated: ranks {', '.join(map(str, ranks)) or '–'} of "
             f"{len(budget['candidates'])} ({which}).", "",
-            "| rank | removed | proposed by | params | KL/token | PPL | prefill s | accuracy |",
-            "|---|---|---|---|---|---|---|---|",
+            "| rank | removed | proposed by | params | KL/token | PPL | prefill s | accuracy | "
+            "Δ vs rank 1 |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]  # fmt: skip
         for rank, c in enumerate(budget["candidates"], 1):
             lines.append(
                 f"| {rank} | {c['removed']} | {', '.join(c['proposers'])} | "
                 f"{c['params_after'] / before:.1%} | {_cell(c['kl'], '.4f')} | "
                 f"{_cell(c['ppl'], '.2f')} | {_cell(c['prefill_s'], '.3f')} | "
-                f"{_cell(c['accuracy'], '.4f')} |"
+                f"{_accuracy(c)} | {_versus(c.get('vs_chosen'))} |"
             )
         rho = _cell(budget["spearman_proxy_accuracy"], ".3f")
         lines += ["", f"Spearman (−KL vs accuracy, the {len(ranks)} evaluated plans): {rho}", ""]

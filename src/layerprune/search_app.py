@@ -74,6 +74,11 @@ def check_search(cfg: Config) -> None:
     for key, low in (("heldout", 1), ("top_k", 1), ("prefill_repeats", 1)):
         integer(cfg, f"search.{key}", low)
     choice(cfg, "search.evaluate", EVALUATE)
+    also = get(cfg, "search.also_evaluate")
+    if also is not MISSING and (
+        not isinstance(also, list) or any(not isinstance(a, str) for a in also)
+    ):
+        raise invalid("search.also_evaluate", also, "a list of proposer labels (scorer/selection)")
     settings = get(cfg, "search.settings")
     if settings is not MISSING and (
         not isinstance(settings, dict) or any(k not in scorers for k in settings)
@@ -143,6 +148,11 @@ def run_search(cfg: DictConfig, out: Path) -> dict[str, Any]:
     check_search_config(cfg)
     job = job_from_config(cfg)
     found = proposers(cfg)
+    also = list(cfg.search.get("also_evaluate") or [])
+    labels = [label for label, _ in found]
+    if unknown := [a for a in also if a not in labels]:
+        raise invalid("search.also_evaluate", unknown, f"labels of this search's proposers: "
+                      f"{', '.join(labels)}")  # fmt: skip
     settings = SearchSettings(
         budgets=tuple(float(b) for b in cfg.search.budgets),
         unit=str(cfg.sparsity_unit),
@@ -150,6 +160,7 @@ def run_search(cfg: DictConfig, out: Path) -> dict[str, Any]:
         top_k=int(cfg.search.top_k),
         prefill_repeats=int(cfg.search.prefill_repeats),
         evaluate=str(cfg.search.evaluate),
+        also_evaluate=tuple(also),
     )
     from layerprune.validation import check_model
 
