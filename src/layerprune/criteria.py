@@ -143,6 +143,13 @@ class ModelScorer(Scorer):
                 f"layers ({self.protection()}); asked for {k}"
             )
 
+    def _engine(
+        self, model: PreTrainedModel, windows: torch.Tensor, k: int, batch_size: int
+    ) -> SkipEngine:
+        """The budget checked, then the engine of the loss-based criteria over ``windows``."""
+        self._check_budget(decoder_stack(model).num_layers, k)
+        return SkipEngine(model, windows, batch_size)
+
 
 def _count(scorer: str, name: str, value: Any, low: int) -> int:
     """A whole-number setting of a criterion, checked: ``<scorer> <name>: <value>; allowed``."""
@@ -197,9 +204,8 @@ class SLEB(ModelScorer):
         self, model: PreTrainedModel, windows: torch.Tensor, k: int, batch_size: int = 8,
         progress: bool = False,
     ) -> CriterionScores:  # fmt: skip
-        num = decoder_stack(model).num_layers
-        self._check_budget(num, k)
-        engine = SkipEngine(model, windows, batch_size)
+        engine = self._engine(model, windows, k, batch_size)
+        num = engine.stack.num_layers
         dense_ppl = perplexity_of(engine.nll(), engine.n_tokens)
         values: list[float | None] = [None] * num
         order: list[int] = []
@@ -267,9 +273,8 @@ class PPLCriterion(_KeepEnds):
         self, model: PreTrainedModel, windows: torch.Tensor, k: int, batch_size: int = 8,
         progress: bool = False,
     ) -> CriterionScores:  # fmt: skip
-        num = decoder_stack(model).num_layers
-        self._check_budget(num, k)
-        engine = SkipEngine(model, windows, batch_size)
+        engine = self._engine(model, windows, k, batch_size)
+        num = engine.stack.num_layers
         with _bar(num, "ppl criterion", progress) as bar:
             nll = engine.nll_without(range(num), bar.update)
         values = [perplexity_of(nll[i], engine.n_tokens) for i in range(num)]
