@@ -562,20 +562,16 @@ class Evaluator:
         if self._dense is None:
             raise RuntimeError("Evaluator.pruned needs Evaluator.dense on the original model first")
 
-        fresh: list[Evaluation] = []  # kept whole: lm-eval's own results are not cached
-
-        def run() -> dict[str, Any]:
-            fresh.append(evaluate(loaded, self.suite, self.source, self.documents))
-            return fresh[0].to_dict()
-
+        key = None if removed is None else {**self.cache_key(loaded), "removed": sorted(removed)}
         with stage("eval_pruned"):
-            if removed is None:
-                run()
+            cached = None if key is None else self.removal_cache.get(key)
+            if cached is None:  # kept whole: lm-eval's own results are not cached
+                self._pruned = evaluate(loaded, self.suite, self.source, self.documents)
+                if key is not None:
+                    self.removal_cache.put(key, self._pruned.to_dict())
             else:
-                key = {**self.cache_key(loaded), "removed": sorted(removed)}
-                payload, _ = self.removal_cache.get_or_compute(key, run)
-            self._pruned_hit = not fresh
-            self._pruned = fresh[0] if fresh else Evaluation.from_dict(payload)
+                self._pruned = Evaluation.from_dict(cached)
+            self._pruned_hit = cached is not None
         for label, evaluation in (("dense", self._dense), ("pruned", self._pruned)):
             for task, samples in evaluation.samples.items():
                 write_samples(out / "samples" / label / f"{task}.jsonl.gz", samples)

@@ -243,9 +243,9 @@ def compare_with_chosen(order: Sequence[Candidate], out: Path) -> None:
     def as_run(c: Candidate) -> dict[str, Any]:
         return {"run_dir": str(out / (c.samples or "")), "eval": c.evaluation}
 
-    chosen = order[0] if order else None
-    if chosen is None or chosen.evaluation is None:
+    if not order or order[0].evaluation is None:
         return
+    chosen = order[0]
     for candidate in order[1:]:
         if candidate.evaluation is not None:
             paired = paired_comparison(as_run(candidate), as_run(chosen))
