@@ -108,6 +108,16 @@ def test_missing_failed_and_unevaluated_runs_are_gaps(tmp_path: Path) -> None:
     assert never_run["piqa"] == never_run["Avg"] == never_run["Removed layers"] == "NaN"
 
 
+def test_a_method_seen_in_another_sparsity_unit_is_no_gap(tmp_path: Path) -> None:
+    write_run(tmp_path, "a", "streamline", 0.25, {"piqa": 0.60})
+    removal = write_run(tmp_path, "b", "removal", 2, {"piqa": 0.50})
+    record = json.loads((removal / "metrics.json").read_text())
+    record["config"]["sparsity_unit"] = "layers"
+    (removal / "metrics.json").write_text(json.dumps(record))
+    rows = [line.split(" | ")[1:3] for line in table_lines(tmp_path) if line.startswith("| tiny")]
+    assert rows == [["0", "dense"], ["25% layers", "streamline"], ["2 layers", "removal"]]
+
+
 def test_an_older_records_exp_weighted_stability_is_left_out(tmp_path: Path) -> None:
     folder = write_run(tmp_path, "a", "shortgpt", 0.25, {"piqa": 0.60, "hellaswag": 0.40})
     record = json.loads((folder / "metrics.json").read_text())

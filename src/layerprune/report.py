@@ -311,8 +311,9 @@ def dense_row(runs: Iterable[Run]) -> dict[str, Any]:
 
 
 def build_table(chosen: dict[Key, Run], group_by: Sequence[str] = ()) -> Table:
-    """Per model a dense row, then every (sparsity, method) pair seen for that model; a pair
-    without a finished run is a row of gaps."""
+    """Per model a dense row, then per sparsity unit every (amount, method) pair seen in that
+    unit; a pair without a finished run is a row of gaps (a sweep's missing cell), while a
+    method seen only in another unit (e.g. plain removal of a block given in layers) adds none."""
     names = dict.fromkeys(
         col
         for run in chosen.values()
@@ -330,7 +331,7 @@ def build_table(chosen: dict[Key, Run], group_by: Sequence[str] = ()) -> Table:
         of_model = [run for key, run in chosen.items() if key[0] == model]
         rows.append({"Model": model, "Sparsity": "0", "Method": "dense", **dense_row(of_model)})
         for unit, amount in sorted({key[1:3] for key in keys}):
-            for method, *groups in sorted({key[3:] for key in keys}):
+            for method, *groups in sorted({key[3:] for key in keys if key[1] == unit}):
                 run = chosen.get((model, unit, amount, method, *groups))
                 rows.append({"Model": model, "Sparsity": sparsity_label(unit, amount),
                              "Method": method, **dict(zip(group_by, groups, strict=True)),
