@@ -95,6 +95,23 @@ def test_the_report_writes_the_paired_recovery_table(tmp_path: Path) -> None:
     assert any("| layer | 2 | 30.0 | 1,048,576 |" in line for line in main_table)
 
 
+def test_the_lm_loss_columns_appear_where_a_run_measured_it(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    recovered(runs, "layer", [2, 3, 4], ppl=30.0)
+    control(runs, "plain_3", [2, 3, 4], ppl=60.0)
+    main([str(runs), "--out", str(tmp_path / "old")])
+    header = (tmp_path / "old" / "recovery.csv").read_text().splitlines()[0]
+    assert "LM loss" not in header  # no run measured it
+    lm = {"method": "replace_block", "block_start": 1, "block_size": 2,
+          "heldout_lm_loss_identity": 5.25, "heldout_lm_loss_after": 3.5}  # fmt: skip
+    recovered(runs, "layer_lm", [1, 2], ppl=20.0, report=lm)
+    main([str(runs), "--out", str(tmp_path / "new")])
+    with (tmp_path / "new" / "recovery.csv").open() as f:
+        rows = {row["Method"]: row for row in csv.DictReader(f)}
+    assert (rows["layer_lm"]["LM loss plain"], rows["layer_lm"]["LM loss"]) == ("5.25", "3.5")
+    assert rows["layer"]["LM loss"] == "NaN"
+
+
 def test_train_tokens_of_runs_recorded_before_the_count(tmp_path: Path) -> None:
     old = {"method": "replace_block", "block_start": 2, "block_size": 2, "steps": 23,
            "settings": {"batch_size": 8}}  # fmt: skip

@@ -180,6 +180,26 @@ def test_replaced_model_is_the_dense_one_with_the_module_in_place(
         assert_round_trip(model, ids, tmp_path)
 
 
+def naive_lm_loss(model: PreTrainedModel, ids: torch.Tensor) -> float:
+    """Mean next-token cross-entropy from the logits, by hand."""
+    lp = torch.log_softmax(logits(model, ids)[:, :-1], dim=-1)
+    return float(-lp.gather(-1, ids[:, 1:, None]).mean())
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma3"])
+def test_replacement_reports_the_heldout_lm_loss_of_plain_removal_and_of_the_result(
+    name: str,
+) -> None:
+    model = load(name).model
+    plain = skip_reference(model, [1, 2, 3])  # the whole block bypassed
+    heldout = tokens(3, seq_len=20, seed=4)
+    step = LayerReplacement(kind="layer", epochs=1, lr=3e-3, **FAST)
+    report = step(model, [1, 2, 3], tokens(8), heldout=heldout)
+    assert report.heldout_lm_loss_identity == pytest.approx(naive_lm_loss(plain, heldout), 1e-5)
+    assert report.heldout_lm_loss_after == pytest.approx(naive_lm_loss(model, heldout), 1e-5)
+    assert report.heldout_lm_loss_before != report.heldout_lm_loss_after  # it trained
+
+
 def test_linear_and_lora_round_trip(tmp_path: Path) -> None:
     model = load("tiny_llama").model
     LinearReplacement()(model, [2, 3], tokens(6))

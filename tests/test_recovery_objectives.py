@@ -256,7 +256,9 @@ def test_training_runs_the_budget_it_states(monkeypatch: pytest.MonkeyPatch) -> 
         576,
         96,
     )
-    assert len(calls) == 12 + 2 * 1  # 12 micro-batches, held-out before and after (one batch)
+    # 12 micro-batches; the held-out fit and the held-out LM loss, each before and after
+    # training (one batch each)
+    assert len(calls) == 12 + 2 * 1 + 2 * 1
     assert report.settings["accumulation"] == 2
 
 

@@ -172,6 +172,9 @@ def recovery_rows(
             for fitted, where in ((False, ""), (True, " fitted")):
                 row[f"{name}{where} plain"] = _fit(report, "identity", metric, fitted)
                 row[f"{name}{where}"] = _fit(report, "after", metric, fitted)
+        row["LM loss plain"], row["LM loss"] = (
+            report.get("heldout_lm_loss_identity"), report.get("heldout_lm_loss_after")
+        )  # fmt: skip
         for column in [c for c in mine if c.startswith("PPL") and not c.endswith((" ±", " †"))]:
             ppl += [column] if column not in ppl else []
             row[column] = mine.get(column)
@@ -181,6 +184,8 @@ def recovery_rows(
         row["ΔAvg vs plain"], row["ΔAvg vs plain ±"] = paired or (None, None)
         rows.append(row)
     fits = [f"{n}{w}{s}" for n in ("MSE", "cos") for w in ("", " fitted") for s in (" plain", "")]
+    if any(row["LM loss"] is not None for row in rows):  # runs that measured it
+        fits += ["LM loss plain", "LM loss"]
     columns = ["Model", "Method", "Block", "Loss", "Left out", "Train tokens", *fits]
     columns += [c for p in ppl for c in (p, f"{p} plain")]
     columns += ["Avg", "Avg plain", "ΔAvg vs plain", "Control"]

@@ -346,7 +346,7 @@ def is_gap(value: Any) -> bool:
 def fmt_number(column: str, value: float) -> str:
     if column in ("Agreement", "Stability", "Stability (legacy)"):
         return f"{value:.3f}"
-    if column.startswith(("MSE", "cos")):  # the recovery table's held-out figures
+    if column.startswith(("MSE", "cos", "LM loss")):  # the recovery table's held-out figures
         return f"{value:.4g}"
     if column.startswith("PPL"):
         return f"{value:.2f}"
@@ -664,7 +664,8 @@ RECOVERY_NOTE = (
     "net, the control n + 1); the linear fold adds none. Train tokens: tokens the "
     "recovery trained or fitted on, repeats counted. MSE, cos: held-out mean squared error and "
     "mean token cosine against the dense block's output, over all tokens and over the tokens "
-    "the objective fitted; plain = the block's input (plain removal). Avg, ΔAvg vs plain in %; "
+    "the objective fitted; LM loss: the model's held-out next-token loss, where the run "
+    "measured it; plain = the block's input (plain removal). Avg, ΔAvg vs plain in %; "
     "± : half-width of the paired bootstrap 95% interval over documents."
 )
 

@@ -36,6 +36,7 @@ from layerprune.recovery.training import (
     Budget,
     Training,
     TrainResult,
+    lm_loss,
     optimise,
     predicted_tokens,
     shuffled,
@@ -137,8 +138,11 @@ class LayerReplacement(Training, TokenFilter, CacheSettings):
         held = self.states(model, start, size, heldout, self.batch_size, cache_dir)
         fns = {"identity": lambda b: b.h_in, "before": apply}
         before, n_fitted = heldout_fit(in_order(held, self.batch_size), fns, self)
+        lm = {"identity": self._lm_loss(model, start, size, _Skip(), heldout),
+              "before": self._lm_loss(model, start, size, f, heldout)}  # fmt: skip
         result = self._optimise(model, start, size, train, f, apply, budget, cache_dir)
         after, _ = heldout_fit(in_order(held, self.batch_size), {"after": apply}, self)
+        lm["after"] = self._lm_loss(model, start, size, f, heldout)
 
         module = f.module.to(dtype).requires_grad_(False)
         block = stack.layers[start : start + size]
@@ -168,10 +172,20 @@ class LayerReplacement(Training, TokenFilter, CacheSettings):
         )
         for side, fit in [*before.items(), *after.items()]:
             report.add_fit(side, fit)
+        for side, loss in lm.items():
+            setattr(report, f"heldout_lm_loss_{side}", loss)
         record_recovery(model, report, list(range(start, start + size)))
         stack.layers[start] = module
         remove_layers(model, range(start + 1, start + size))
         return report
+
+    def _lm_loss(
+        self, model: PreTrainedModel, start: int, size: int, f: nn.Module, heldout: torch.Tensor
+    ) -> float:
+        """The held-out next-token loss with ``f`` in place of the block: what the evaluation
+        will see, which the fit of the block's output alone does not tell."""
+        with _in_place_of_block(model, start, size, f):
+            return lm_loss(model, heldout, self.batch_size)
 
     def _optimise(
         self,

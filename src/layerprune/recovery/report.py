@@ -23,7 +23,9 @@ class RecoveryReport:
     unless the step leaves some out, see :class:`~layerprune.recovery.objective.TokenFilter`).
     ``train_tokens`` counts every token the objective saw, repeats included (the fold: the
     tokens it was fitted on); ``train_windows`` x seq_len are the distinct ones. LoRA healing
-    reports the held-out LM loss in ``heldout_lm_loss_*`` instead.
+    reports the held-out LM loss in ``heldout_lm_loss_*`` instead (before and after healing);
+    a trained replacement reports it too, the block skipped (identity), and with the module in
+    place before and after training.
     """
 
     method: str
@@ -53,6 +55,7 @@ class RecoveryReport:
     heldout_cosine_identity_fitted: float | None = None
     heldout_cosine_before_fitted: float | None = None
     heldout_cosine_after_fitted: float | None = None
+    heldout_lm_loss_identity: float | None = None
     heldout_lm_loss_before: float | None = None
     heldout_lm_loss_after: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
