@@ -17,11 +17,11 @@ sweep() {  # NAME OVERRIDES...: one multirun in its own sweep folder
   python -m layerprune -m "${common[@]}" "hydra.sweep.dir=$runs/$name" "$@" || status=$?
 }
 sweep sweep experiment=shortgpt,sleb "$@"
-# the criteria alone, then with their healing: the pair tells what LoRA adds
+sweep healed experiment=ppl,taylor "$@"
+# the criteria without their healing: the pair tells what LoRA adds
 sweep ppl_removal experiment=ppl recovery=none method=ppl_removal "$@"
 sweep taylor_removal experiment=taylor recovery=none method=taylor_removal "$@"
 sweep streamline_removal experiment=streamline_layer recovery=none method=streamline_removal "$@"
-sweep healed experiment=ppl,taylor "$@"
 # A failed job is a gap in the table, so the table is written either way.
 python -m layerprune.report "$runs" --out "results/$model/criteria"
 exit "$status"
