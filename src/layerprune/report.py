@@ -739,6 +739,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if recovered := recovery_table(runs):
         write_text(args.out / "recovery.md", to_markdown(recovered, RECOVERY_NOTE))
         write_text(args.out / "recovery.csv", to_csv(recovered))
+    from layerprune.claims import claims_markdown, claims_table  # it reads this module's runs
+
+    claims = claims_table(runs)
+    if any(row["Verdict"] != "gap" for row in claims.rows):
+        write_text(args.out / "claims.md", claims_markdown(claims))
     figures = [*plot_curves(chosen, args.out), *plot_layers(chosen, args.out)]
     done = sum(map(finished, runs))
     print(markdown)
