@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from layerprune.report import build_table, choose, load_runs, main, method_label, to_markdown
+from layerprune.report import (
+    build_table,
+    choose,
+    load_runs,
+    main,
+    method_label,
+    seed_groups,
+    to_markdown,
+)
 from layerprune.stability import Sample, write_samples
 
 DENSE = {"piqa": ("acc", 0.70), "hellaswag": ("acc_norm", 0.50)}
@@ -106,6 +114,28 @@ def test_missing_failed_and_unevaluated_runs_are_gaps(tmp_path: Path) -> None:
     with (tmp_path / "out" / "table.csv").open() as f:
         never_run = [row for row in csv.DictReader(f) if row["Method"] == "random"][1]
     assert never_run["piqa"] == never_run["Avg"] == never_run["Removed layers"] == "NaN"
+
+
+def test_several_seeds_are_one_row_of_their_mean_and_spread(tmp_path: Path) -> None:
+    for seed, piqa in enumerate((0.40, 0.50, 0.75)):
+        folder = write_run(tmp_path, f"r{seed}", "random", 0.25, {"piqa": piqa},
+                           created=f"2026-01-0{seed + 1}T00:00:00+00:00")  # fmt: skip
+        record = json.loads((folder / "metrics.json").read_text())
+        record["config"]["seed"] = seed
+        (folder / "metrics.json").write_text(json.dumps(record))
+    write_run(tmp_path, "s", "shortgpt", 0.25, {"piqa": 0.60})
+    runs = load_runs([tmp_path])
+    table = build_table(choose(runs), (), seed_groups(runs))
+    (row,) = [r for r in table.rows if r["Method"].startswith("random")]
+    assert row["Method"] == "random (3 seeds)"
+    assert row["piqa"] == pytest.approx(0.55)
+    # sample standard deviation by hand: deviations -0.15, -0.05, +0.20
+    assert row["piqa ±"] == pytest.approx(((0.15**2 + 0.05**2 + 0.20**2) / 2) ** 0.5)
+    assert row["Removed layers"] == 2 and "piqa †" not in row
+    line = next(x for x in to_markdown(table).splitlines() if "random" in x)
+    assert line.startswith(
+        "| tiny | 25% layers | random (3 seeds) | 2.0 | 30.0 ± 0.0 | 55.0 ± 18.0 |"
+    )
 
 
 def test_a_method_seen_in_another_sparsity_unit_is_no_gap(tmp_path: Path) -> None:

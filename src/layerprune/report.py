@@ -55,7 +55,9 @@ NOTE = (
     "recomputed from the run's per-document samples where it kept them; no ± : no per-document "
     "samples. † : at or below the task's majority-class or chance accuracy on its documents. "
     "Stability: NLL-weighted (README); older runs recorded an exp(NLL)-weighted one, which is "
-    "recomputed from their samples where they kept them, else left out."
+    "recomputed from their samples where they kept them, else left out. A method run with "
+    'several seeds ("random (5 seeds)"): the mean over its seeds, ± their standard '
+    "deviation (the spread between seeds, not an interval)."
 )
 PM = " ±"  # a column's half-width column
 MARK = " †"  # a column's at-chance mark
@@ -159,10 +161,35 @@ def choose(runs: Iterable[Run], group_by: Sequence[str] = ()) -> dict[Key, Run]:
     chosen: dict[Key, Run] = {}
     for run in sorted(runs, key=lambda r: (finished(r), r.get("created", ""))):
         key = row_key(run, group_by)
-        if key in chosen and finished(chosen[key]):
+        seeds = {get(r, "config.seed") for r in (run, chosen.get(key)) if r}
+        if key in chosen and finished(chosen[key]) and len(seeds) == 1:  # (else: seed_groups)
             print(f"note: {run['run_dir']} supersedes {chosen[key]['run_dir']} in the table")
         chosen[key] = run
     return chosen
+
+
+def seed_groups(runs: Iterable[Run], group_by: Sequence[str] = ()) -> dict[Key, list[Run]]:
+    """The cells run with more than one ``seed`` (the random baseline's draws): their finished
+    runs, the newest of each seed."""
+    groups: dict[Key, dict[Any, Run]] = {}
+    for run in sorted(filter(finished, runs), key=lambda r: r["created"]):
+        groups.setdefault(row_key(run, group_by), {})[get(run, "config.seed")] = run
+    return {key: list(by_seed.values()) for key, by_seed in groups.items() if len(by_seed) > 1}
+
+
+def seed_row(runs: Sequence[Run]) -> dict[str, Any]:
+    """Several seeds' rows as one: each number's mean, and the standard deviation of its values
+    (ddof=1) as its ``±``; the at-chance marks are left out."""
+    rows = [pruned_row(run) for run in runs]
+    out: dict[str, Any] = {}
+    for column in dict.fromkeys(c for row in rows for c in row):
+        if column.endswith((PM, MARK)):
+            continue
+        values = [row[column] for row in rows if not is_gap(row.get(column))]
+        if values and all(isinstance(v, int | float) for v in values):
+            out[column] = float(np.mean(values))
+            out[column + PM] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return out
 
 
 def task_column(row: dict[str, Any]) -> str:
@@ -310,10 +337,14 @@ def dense_row(runs: Iterable[Run]) -> dict[str, Any]:
     return {**row, "RP": 1.0} if row.get("Avg") is not None else row
 
 
-def build_table(chosen: dict[Key, Run], group_by: Sequence[str] = ()) -> Table:
+def build_table(
+    chosen: dict[Key, Run], group_by: Sequence[str] = (), seeds: dict[Key, list[Run]] | None = None
+) -> Table:
     """Per model a dense row, then per sparsity unit every (amount, method) pair seen in that
     unit; a pair without a finished run is a row of gaps (a sweep's missing cell), while a
-    method seen only in another unit (e.g. plain removal of a block given in layers) adds none."""
+    method seen only in another unit (e.g. plain removal of a block given in layers) adds none.
+    A cell in ``seeds`` (:func:`seed_groups`) is one row over its seeds (:func:`seed_row`)."""
+    seeds = seeds or {}
     names = dict.fromkeys(
         col
         for run in chosen.values()
@@ -332,10 +363,13 @@ def build_table(chosen: dict[Key, Run], group_by: Sequence[str] = ()) -> Table:
         rows.append({"Model": model, "Sparsity": "0", "Method": "dense", **dense_row(of_model)})
         for unit, amount in sorted({key[1:3] for key in keys}):
             for method, *groups in sorted({key[3:] for key in keys if key[1] == unit}):
-                run = chosen.get((model, unit, amount, method, *groups))
+                key = (model, unit, amount, method, *groups)
+                run, several = chosen.get(key), seeds.get(key)
+                values = seed_row(several) if several else pruned_row(run) if run else {}
+                label = f"{method} ({len(several)} seeds)" if several else method
                 rows.append({"Model": model, "Sparsity": sparsity_label(unit, amount),
-                             "Method": method, **dict(zip(group_by, groups, strict=True)),
-                             **(pruned_row(run) if run else {})})  # fmt: skip
+                             "Method": label, **dict(zip(group_by, groups, strict=True)),
+                             **values})  # fmt: skip
     return Table(columns, rows)
 
 
@@ -730,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not runs:
         raise SystemExit(f"layerprune-report: no runs under {' '.join(map(str, args.paths))}")
     chosen = choose(runs, args.group_by)
-    table = build_table(chosen, args.group_by)
+    table = build_table(chosen, args.group_by, seed_groups(runs, args.group_by))
     markdown = to_markdown(table)
     write_text(args.out / "table.md", markdown)
     write_text(args.out / "table.tex", to_latex(table))
