@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Accuracy and perplexity against the fraction of layers removed (1/8, 1/4, 3/8, 1/2), as in
-# Gromov et al. and ShortGPT's figures, for ShortGPT, LLM-Streamline and the random baseline;
-# the curves and table go to results/MODEL/sparsity_curve.
+# Gromov et al. and ShortGPT's figures, for ShortGPT, LLM-Streamline, SLEB and the random
+# baseline (5 seeds); the curves and table go to results/MODEL/sparsity_curve.
 #   experiments/sparsity_curve.sh MODEL [hydra overrides...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,9 +9,10 @@ model=${1:?usage: experiments/sparsity_curve.sh MODEL [hydra overrides...]}
 shift
 runs=results/runs/sparsity_curve/$model
 status=0
-python -m layerprune -m \
-  experiment=shortgpt,streamline_layer,random \
-  model="$model" sparsity=0.125,0.25,0.375,0.5 sparsity_unit=layer_ratio \
-  paths.runs="$runs" hydra.sweep.dir="$runs/sweep" "$@" || status=$?
+common=(model="$model" sparsity=0.125,0.25,0.375,0.5 sparsity_unit=layer_ratio "paths.runs=$runs")
+python -m layerprune -m experiment=shortgpt,streamline_layer,sleb "${common[@]}" \
+  "hydra.sweep.dir=$runs/sweep" "$@" || status=$?
+python -m layerprune -m experiment=random seed=0,1,2,3,4 "${common[@]}" \
+  "hydra.sweep.dir=$runs/random" "$@" || status=$?
 python -m layerprune.report "$runs" --out "results/$model/sparsity_curve"
 exit "$status"

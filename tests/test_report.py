@@ -16,6 +16,7 @@ from layerprune.report import (
     main,
     method_label,
     seed_groups,
+    seeds_point,
     to_markdown,
 )
 from layerprune.stability import Sample, write_samples
@@ -132,6 +133,8 @@ def test_several_seeds_are_one_row_of_their_mean_and_spread(tmp_path: Path) -> N
     # sample standard deviation by hand: deviations -0.15, -0.05, +0.20
     assert row["piqa ±"] == pytest.approx(((0.15**2 + 0.05**2 + 0.20**2) / 2) ** 0.5)
     assert row["Removed layers"] == 2 and "piqa †" not in row
+    point = seeds_point(seed_groups(runs)[("tiny", "layer_ratio", 0.25, "random")], "Avg")
+    assert point == pytest.approx((0.55, row["piqa ±"], row["piqa ±"]))  # the curve's point
     line = next(x for x in to_markdown(table).splitlines() if "random" in x)
     assert line.startswith(
         "| tiny | 25% layers | random (3 seeds) | 2.0 | 30.0 ± 0.0 | 55.0 ± 18.0 |"

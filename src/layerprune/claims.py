@@ -67,6 +67,8 @@ CLAIMS = (
     Claim(BEATS_STAB, "streamline_layer_lm", "shortgpt", "stability"),
     Claim(REPLACES, RECOVERED, PLAIN, "accuracy"),
     Claim(REPLACES, RECOVERED, PLAIN, "perplexity"),
+    Claim(HEALS, "gromov", "gromov_removal", "accuracy"),
+    Claim(HEALS, "gromov", "gromov_removal", "perplexity"),
     Claim(HEALS, "ppl", "ppl_removal", "accuracy"),
     Claim(HEALS, "taylor", "taylor_removal", "accuracy"),
     Claim(HEALS, "ppl", "ppl_removal", "perplexity"),

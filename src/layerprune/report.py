@@ -482,6 +482,15 @@ def curve_point(run: Run | None, column: str) -> tuple[float, float, float]:
     return (value, max(0.0, value - ci["lo"]), max(0.0, ci["hi"] - value))
 
 
+def seeds_point(runs: Sequence[Run], column: str) -> tuple[float, float, float]:
+    """Several seeds' value of a column: their mean, with their standard deviation both ways."""
+    values = [v for v, _, _ in (curve_point(run, column) for run in runs) if not math.isnan(v)]
+    if not values:
+        return (math.nan, 0.0, 0.0)
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return (float(np.mean(values)), sd, sd)
+
+
 def first_text(runs: Iterable[Run]) -> str | None:
     for run in runs:
         names = list(perplexities(run.get("eval") or {}))
@@ -490,9 +499,19 @@ def first_text(runs: Iterable[Run]) -> str | None:
     return None
 
 
-def plot_curves(chosen: dict[Key, Run], out: Path) -> list[Path]:
+def plot_curves(
+    chosen: dict[Key, Run], out: Path, seeds: dict[Key, list[Run]] | None = None
+) -> list[Path]:
     """Average accuracy and perplexity (of the first text) against sparsity, per model and
-    sparsity unit, with 95% error bars; a missing run breaks its line instead of drawing a zero."""
+    sparsity unit, with 95% error bars (a cell of several seeds: their mean ± standard
+    deviation); a missing run breaks its line instead of drawing a zero."""
+    seeds = seeds or {}
+
+    def point(key: Key, field: str) -> tuple[float, float, float]:
+        return (
+            seeds_point(seeds[key], field) if key in seeds else curve_point(chosen.get(key), field)
+        )
+
     paths = []
     for model, unit in sorted({key[:2] for key in chosen}):
         keys = [key for key in chosen if key[:2] == (model, unit)]
@@ -507,7 +526,7 @@ def plot_curves(chosen: dict[Key, Run], out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
         for ax, (field, ylabel, scale, column) in zip(axes, panels, strict=False):
             for name in sorted({key[3:] for key in keys}):
-                points = [curve_point(chosen.get((model, unit, x, *name)), field) for x in xs]
+                points = [point((model, unit, x, *name), field) for x in xs]
                 ys = [scale * y for y, _, _ in points]
                 err = [[scale * lo for _, lo, _ in points], [scale * hi for _, _, hi in points]]
                 ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3,
@@ -517,7 +536,7 @@ def plot_curves(chosen: dict[Key, Run], out: Path) -> list[Path]:
             ax.set(xlabel=f"sparsity ({unit})", ylabel=ylabel)
         axes[1].set_yscale("log")
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"{model} (bars: 95% intervals)")
+        fig.suptitle(f"{model} (bars: 95% intervals; over seeds: ± standard deviation)")
         paths.append(save(fig, out / filename("curve", model, unit)))
     return paths
 
@@ -764,7 +783,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not runs:
         raise SystemExit(f"layerprune-report: no runs under {' '.join(map(str, args.paths))}")
     chosen = choose(runs, args.group_by)
-    table = build_table(chosen, args.group_by, seed_groups(runs, args.group_by))
+    seeds = seed_groups(runs, args.group_by)
+    table = build_table(chosen, args.group_by, seeds)
     markdown = to_markdown(table)
     write_text(args.out / "table.md", markdown)
     write_text(args.out / "table.tex", to_latex(table))
@@ -778,7 +798,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     claims = claims_table(runs)
     if any(row["Verdict"] != "gap" for row in claims.rows):
         write_text(args.out / "claims.md", claims_markdown(claims))
-    figures = [*plot_curves(chosen, args.out), *plot_layers(chosen, args.out)]
+    figures = [*plot_curves(chosen, args.out, seeds), *plot_layers(chosen, args.out)]
     done = sum(map(finished, runs))
     print(markdown)
     print(f"{done} finished and {len(runs) - done} unfinished runs -> {args.out}")
