@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from layerprune.claims import CLAIMS, Claim, claims_table, decide, paired_perplexity
+from layerprune.claims import (
+    CLAIMS,
+    Claim,
+    claims_table,
+    decide,
+    paired_perplexity,
+    paired_stability,
+)
 from layerprune.report import load_runs, load_side, main
-from layerprune.stability import stability
+from layerprune.stability import read_samples, stability, write_samples
 
 from .test_report import write_run, write_samples_run
 
@@ -94,3 +102,15 @@ def test_the_table_marks_each_claim_from_the_samples(tmp_path: Path) -> None:
     main([str(tmp_path), "--out", str(tmp_path / "out")])
     text = (tmp_path / "out" / "claims.md").read_text()
     assert "- tiny: 2 supported, 0 contradicted, 0 undecided, 4 gap." in text
+
+
+def test_runs_on_other_documents_are_not_compared(tmp_path: Path) -> None:
+    write_samples_run(tmp_path, "s", "streamline_layer", 30, samples=True)
+    write_samples_run(tmp_path, "g", "shortgpt", 10, samples=True)
+    path = tmp_path / "g" / "samples" / "pruned" / "piqa.jsonl.gz"
+    moved = [dataclasses.replace(s, doc_id=s.doc_id + 100) for s in read_samples(path)]
+    write_samples(path, moved)
+    named = {r["config"]["method"]: r for r in load_runs([tmp_path])}
+    assert paired_stability(named["streamline_layer"], named["shortgpt"]) is None
+    rows = claims_table(list(named.values())).rows
+    assert {r["Verdict"] for r in rows if r["A"] == "streamline_layer"} == {"gap"}

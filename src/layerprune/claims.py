@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from layerprune.controls import block_report, pair
+from layerprune.errors import LayerpruneError
 from layerprune.report import (
     Key,
     Run,
@@ -120,7 +121,10 @@ def paired_stability(a: Run, b: Run) -> tuple[float, tuple[float, float]] | None
                          load_side(b, "pruned", task))  # fmt: skip
         if not dense or not pa or not pb or row["metric"] not in ("acc", "acc_norm"):
             return None
-        ca, cb = stability_columns(dense, pa, norm), stability_columns(dense, pb, norm)
+        try:
+            ca, cb = stability_columns(dense, pa, norm), stability_columns(dense, pb, norm)
+        except LayerpruneError:  # not the same documents: no paired comparison
+            return None
         columns = np.stack([ca[:, 0], cb[:, 0], ca[:, 1]], axis=1)  # e m_a, e m_b, e
         draws = resample_means({task: columns}, iters, seed)[task]
         per_task.append((draws[:, 0] - draws[:, 1]) / draws[:, 2])
