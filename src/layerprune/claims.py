@@ -221,13 +221,18 @@ def label(run: Run | None, name: str) -> str:
     return row_key(run, ())[3] if name in (RECOVERED, PLAIN) else name
 
 
+def number(v: Verdict, x: float) -> str:
+    """A difference in points, signed; a ratio to 3 decimals below 10, fewer above."""
+    if not v.measure.startswith("perplexity"):
+        return f"{100 * x:+.1f}"
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}" if x < 100 else f"{x:,.0f}"
+
+
 def show(v: Verdict, ci: tuple[float, float] | None = None) -> str:
-    """A difference in points (signed) or a ratio; with ``ci``, the interval instead."""
-    fmt = "{:.3g}" if v.measure.startswith("perplexity") else "{:+.1f}"
-    scale = 1.0 if v.measure.startswith("perplexity") else 100.0
+    """The value (a ratio with ×); with ``ci``, the interval instead."""
     if ci is None:
-        return fmt.format(scale * v.value) + ("×" if scale == 1.0 else "")
-    return f"[{fmt.format(scale * ci[0])}, {fmt.format(scale * ci[1])}]"
+        return number(v, v.value) + ("×" if v.measure.startswith("perplexity") else "")
+    return f"[{number(v, ci[0])}, {number(v, ci[1])}]"
 
 
 def summary(table: Table) -> list[str]:
