@@ -33,6 +33,7 @@ from layerprune.pipeline import Evaluator, Job, NoEvaluator, ScoringSettings
 from layerprune.pipeline import run as run_job
 from layerprune.recovery import Recovery
 from layerprune.selection import Sparsity
+from layerprune.speed import SpeedSettings
 from layerprune.validation import check_config, check_job, check_jsonl
 
 log = logging.getLogger("layerprune")
@@ -147,6 +148,7 @@ def job_from_config(cfg: DictConfig) -> Job:
         tracker=build(cfg.logger),
         config={str(k): v for k, v in config.items()},
         scoring=ScoringSettings(**cfg.scoring),
+        speed=SpeedSettings(**cfg.speed, seed=int(cfg.seed)),
         cache_dir=cfg.paths.cache,
         runs_dir=Path(cfg.paths.runs),
         save_model=bool(cfg.save_model),

@@ -7,6 +7,7 @@ and plain settings; it never sees a Hydra config, so the same job can be built i
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,7 @@ from layerprune.recovery import Recovery
 from layerprune.resources import Stage, Timer, peak_memory, reset_peak_memory, untimed
 from layerprune.scoring import Convention, LayerStats, Scorer, collect_layer_stats
 from layerprune.selection import Plan, Sparsity, make_plan
+from layerprune.speed import SpeedSettings, compare_speed
 from layerprune.validation import check_model
 
 log = logging.getLogger("layerprune")
@@ -113,6 +115,7 @@ class Job:
     tracker: Tracker
     config: dict[str, Any] = field(default_factory=dict)
     scoring: ScoringSettings = ScoringSettings()
+    speed: SpeedSettings = field(default_factory=SpeedSettings)
     cache_dir: str | None = None
     runs_dir: Path | None = None
     save_model: bool = False
@@ -302,8 +305,14 @@ def run(job: Job, out: Path) -> dict[str, Any]:
         max(job.first_start, job.recovery.first_start),
     )
     job.evaluator.dense(loaded, timer.stage)
+    dense = copy.deepcopy(loaded.model) if job.speed.enabled else None
     with timer.stage("prune_recover"):
         reports = job.recovery.apply(loaded, plan.removed_layers, train_windows)
+    speed = None
+    if dense is not None:
+        with timer.stage("speed"):
+            speed = compare_speed(dense, loaded.model, job.speed)
+        del dense
     plan = replace(plan, params_after=param_count(loaded.model))  # net of replacements
     log.info("%s", summary(loaded, plan, scores_hit))
     plain = None if reports else plan.removed_layers  # plain removal: its evaluation is shared
@@ -326,6 +335,8 @@ def run(job: Job, out: Path) -> dict[str, Any]:
                 loaded, out / "model", plan, job.calibration, reports, evaluation, table or None
             )
     record = run_record(planned, key, scores_hit, reports, evaluation, timer.total(), peak_memory())
+    if speed is not None:
+        record["speed"] = speed
     record["logged"] = False
     write_json(out / "metrics.json", record)
     return log_to_tracker(job, record, scores, out, job.evaluator.lm_eval_results)

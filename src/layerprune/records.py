@@ -52,8 +52,13 @@ def versions() -> dict[str, str]:
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
-    """Identifies what a run computes: the resolved config less paths, logger and display."""
-    return digest({k: v for k, v in config.items() if k not in NOT_HASHED})[:16]
+    """Identifies what a run computes: the resolved config less paths, logger and display, and
+    less the speed measurement while it is off (it adds a measurement and changes nothing
+    else, so runs made before it existed keep their hash)."""
+    kept = {k: v for k, v in config.items() if k not in NOT_HASHED}
+    if not (kept.get("speed") or {}).get("enabled"):
+        kept.pop("speed", None)
+    return digest(kept)[:16]
 
 
 def now() -> str:

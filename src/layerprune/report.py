@@ -59,6 +59,12 @@ NOTE = (
     'several seeds ("random (5 seeds)"): the mean over its seeds, ± their standard '
     "deviation (the spread between seeds, not an interval)."
 )
+SPEED_NOTE = (
+    " Prefill ×, Decode ×: the pruned model's tokens/s over the dense model's, timed "
+    "alternately in one process (median of repeats; where a run measured it, "
+    "`speed.enabled=true`)."
+)
+SPEED = {"Prefill ×": "prefill", "Decode ×": "decode"}  # speed-up over the dense model
 PM = " ±"  # a column's half-width column
 MARK = " †"  # a column's at-chance mark
 
@@ -314,6 +320,7 @@ def pruned_row(run: Run) -> dict[str, Any]:
         "Removed layers": plan["num_layers"] - plan["num_layers_after"] if plan else None,
         "Removed params": plan.get("removed_param_ratio"),
         "Train tokens": train_tokens(run),
+        **{column: get(run, f"speed.{phase}.speedup") for column, phase in SPEED.items()},
         **results(run, "pruned"),
         "RP": get(run, "eval.rp"),
         "Agreement": get(run, "eval.stability.agreement"),
@@ -354,8 +361,9 @@ def build_table(
     tasks = [name for name in names if name not in SUMMARY and not name.startswith("PPL")]
     ppl = [name for name in names if name.startswith("PPL")]
     trained = ["Train tokens"] if any(r.get("recovery") for r in chosen.values()) else []
-    columns = [*TEXT, *group_by, "Removed layers", "Removed params", *trained, *tasks, *SUMMARY,
-               *ppl]  # fmt: skip
+    timed = list(SPEED) if any(r.get("speed") for r in chosen.values()) else []
+    columns = [*TEXT, *group_by, "Removed layers", "Removed params", *timed, *trained, *tasks,
+               *SUMMARY, *ppl]  # fmt: skip
     rows = []
     for model in sorted({key[0] for key in chosen}):
         keys = [key for key in chosen if key[0] == model]
@@ -380,6 +388,8 @@ def is_gap(value: Any) -> bool:
 def fmt_number(column: str, value: float) -> str:
     if column in ("Agreement", "Stability", "Stability (legacy)"):
         return f"{value:.3f}"
+    if column in SPEED:
+        return f"{value:.2f}"
     if column.startswith(("MSE", "cos", "LM loss")):  # the recovery table's held-out figures
         return f"{value:.4g}"
     if column.startswith("PPL"):
@@ -785,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     chosen = choose(runs, args.group_by)
     seeds = seed_groups(runs, args.group_by)
     table = build_table(chosen, args.group_by, seeds)
-    markdown = to_markdown(table)
+    markdown = to_markdown(table, NOTE + SPEED_NOTE if "Prefill ×" in table.columns else NOTE)
     write_text(args.out / "table.md", markdown)
     write_text(args.out / "table.tex", to_latex(table))
     write_text(args.out / "table.csv", to_csv(table))

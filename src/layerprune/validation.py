@@ -449,6 +449,9 @@ def check_config(cfg: Config) -> None:
     integer(cfg, "scoring.batch_size", 1)
     choice(cfg, "scoring.convention", CONVENTIONS)
     flag(cfg, "scoring.cache")
+    flag(cfg, "speed.enabled")
+    for key in ("batch_size", "prompt_tokens", "new_tokens", "repeats"):
+        integer(cfg, f"speed.{key}", 1)
     check_model_config(cfg)
     if get(cfg, "scorer.selection") is not MISSING:
         choice(cfg, "scorer.selection", SELECTIONS)
