@@ -25,9 +25,9 @@ import copy
 import logging
 import math
 import statistics
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from layerprune.pipeline import (
 )
 from layerprune.scoring import Scorer
 from layerprune.selection import Plan, Sparsity
+from layerprune.speed import alternate, prefill
 from layerprune.surgery import remove_layers
 
 log = logging.getLogger("layerprune")
@@ -194,18 +195,8 @@ def prefill_seconds(
     """Median seconds of one forward of ``ids`` (no KV cache) through a pruned copy."""
     pruned = copy.deepcopy(model)
     remove_layers(pruned, removed)
-    device = next(pruned.parameters()).device
-    ids = ids.to(device)
-    pruned(input_ids=ids, use_cache=False)  # warm-up: kernels chosen, memory allocated
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        pruned(input_ids=ids, use_cache=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    ids = ids.to(next(pruned.parameters()).device)
+    (times,) = alternate({"pruned": partial(prefill, pruned, ids)}, repeats).values()
     return statistics.median(times)
 
 
