@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -110,6 +111,33 @@ def test_sleb_barriers_and_a_larger_step_count_extend_the_order() -> None:
     longer = SLEB(early_barrier=0, latter_barrier=0).measure(model, windows, k=4)
     assert longer.order[:2] == short.order
     assert longer.order == sleb_reference(model, windows, 4, early=0, latter=0)[0]
+
+
+class Stop(Exception):
+    """Stands for the process being ended part-way through a measurement."""
+
+
+def test_a_stopped_sleb_measurement_resumes_to_the_unbroken_choices() -> None:
+    model = load("tiny_llama").model
+    windows = tokens(3, 24, seed=4)
+    saved: list[dict] = []
+
+    def stop_after_two(steps: list[dict]) -> None:
+        saved[:] = json.loads(json.dumps(steps))  # as the steps cache stores them
+        if len(steps) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        SLEB().measure(model, windows, k=4, batch_size=2, on_step=stop_after_two)
+    assert len(saved) == 2
+    resumed = SLEB().measure(model, windows, k=4, batch_size=2, resume=saved)
+    assert resumed.order == sleb_reference(model, windows, 4)[0]
+    whole = SLEB().measure(model, windows, k=4, batch_size=2)
+    assert resumed.order == whole.order and resumed.steps[:2] == saved
+    assert resumed.values == pytest.approx(whole.values, rel=1e-6)
+    # fewer steps than were measured: the first ones, and nothing measured again
+    fewer = SLEB().measure(model, windows, k=1, batch_size=2, resume=saved, on_step=stop_after_two)
+    assert fewer.order == whole.order[:1] and fewer.steps == saved[:1]
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -296,13 +324,21 @@ def test_a_sleb_run_records_its_scores_order_and_plot(tmp_path: Path) -> None:
     assert not record["scores_from_cache"]
 
 
-def test_the_scores_cache_key_holds_what_the_criteria_depend_on(tmp_path: Path) -> None:
+def test_the_scores_cache_key_holds_what_the_criteria_depend_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     layers = ("sparsity_unit=layers", "force=true")
     first = criterion_run(tmp_path, "sleb", "sparsity=2", *layers)[1]["criterion"]
     again = criterion_run(tmp_path, "sleb", "sparsity=2", *layers)
     assert again[0]["scores_from_cache"] and again[1]["criterion"] == first
-    # SLEB's measurement depends on how many layers it removes, and on its barriers
-    assert not criterion_run(tmp_path, "sleb", "sparsity=3", *layers)[0]["scores_from_cache"]
+    # SLEB's measurement depends on how many layers it removes (one for more layers starts
+    # after the steps measured for fewer), and on its barriers
+    with caplog.at_level(logging.INFO, logger="layerprune"):
+        more = criterion_run(tmp_path, "sleb", "sparsity=3", *layers)
+    assert not more[0]["scores_from_cache"] and "sleb: resuming after 2 measured step(s)" in (
+        caplog.text
+    )
+    assert more[1]["criterion"]["steps"][:2] == first["steps"]
     barrier = criterion_run(tmp_path, "sleb", "sparsity=2", "scorer.early_barrier=0", *layers)
     assert not barrier[0]["scores_from_cache"]
     # a one-shot criterion's does not depend on the number removed, but on its data

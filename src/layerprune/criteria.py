@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -36,6 +36,9 @@ from layerprune.engine import SkipEngine, perplexity_of
 from layerprune.errors import LayerpruneError
 from layerprune.layers import decoder_stack
 from layerprune.scoring import Scorer, Selection
+
+# Receives an iterative criterion's steps so far, after each step.
+StepSink = Callable[[list[dict[str, Any]]], None]
 
 
 @dataclass
@@ -119,7 +122,7 @@ class ModelScorer(Scorer):
         """Everything the measurement depends on besides the model, windows and k."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
-    def identity(self, k: int) -> dict[str, Any]:
+    def identity(self, k: int | None) -> dict[str, Any]:
         """The scores cache key's part for this scorer: its class, settings and, for an
         iterative criterion, the number of layers it removes."""
         cls = type(self)
@@ -132,9 +135,15 @@ class ModelScorer(Scorer):
     @abstractmethod
     def measure(
         self, model: PreTrainedModel, windows: torch.Tensor, k: int, batch_size: int = 8,
-        progress: bool = False,
+        progress: bool = False, resume: Sequence[dict[str, Any]] = (),
+        on_step: StepSink | None = None,
     ) -> CriterionScores:  # fmt: skip
-        """Measure ``model`` on ``windows`` (n, seq_len) for a plan removing ``k`` layers."""
+        """Measure ``model`` on ``windows`` (n, seq_len) for a plan removing ``k`` layers.
+
+        An iterative criterion's measurement can take hours, so it can be stopped and resumed:
+        it starts after the steps in ``resume`` (the first steps of an earlier measurement with
+        the same model, windows and settings) and hands its steps so far to ``on_step`` after
+        each one. A one-shot criterion measures in one step and takes neither."""
 
     def _check_budget(self, num_layers: int, k: int) -> None:
         if k > self.max_removable(num_layers):
@@ -202,37 +211,49 @@ class SLEB(ModelScorer):
 
     def measure(
         self, model: PreTrainedModel, windows: torch.Tensor, k: int, batch_size: int = 8,
-        progress: bool = False,
+        progress: bool = False, resume: Sequence[dict[str, Any]] = (),
+        on_step: StepSink | None = None,
     ) -> CriterionScores:  # fmt: skip
         engine = self._engine(model, windows, k, batch_size)
         num = engine.stack.num_layers
         dense_ppl = perplexity_of(engine.nll(), engine.n_tokens)
-        values: list[float | None] = [None] * num
-        order: list[int] = []
-        steps: list[dict[str, Any]] = []
-        total = sum(num - s - self.early_barrier - self.latter_barrier for s in range(k))
+        steps = [dict(step) for step in resume[:k]]
+        for step in steps:  # the current model of the last step taken, rebuilt
+            engine.remove(engine.kept.index(step["removed"]))
+        barriers = self.early_barrier + self.latter_barrier
+        total = sum(num - s - barriers for s in range(len(steps), k))
         with _bar(total, "sleb", progress) as bar:
-            for _ in range(k):
+            for _ in range(len(steps), k):
                 alive = len(engine.kept)
                 positions = range(self.early_barrier, alive - self.latter_barrier)
                 nll = engine.nll_without(positions, bar.update)
                 ppl = {p: perplexity_of(nll[p], engine.n_tokens) for p in positions}
                 # The first position of least NLL wins, as in the official loop's strict '<'.
                 best = min(positions, key=lambda p: float(nll[p].sum()))
-                for p in positions:
-                    values[engine.kept[p]] = ppl[p]
-                removed = engine.kept[best]
-                order.append(removed)
                 candidates = {str(engine.kept[p]): ppl[p] for p in positions}
+                removed = engine.kept[best]
                 steps.append({"removed": removed, "ppl": ppl[best], "candidates": candidates})
                 engine.remove(best)
-        for step in steps:  # a removed layer keeps the value of the step that removed it
-            values[step["removed"]] = step["ppl"]
+                if on_step is not None:
+                    on_step(steps)
         return CriterionScores(
             criterion=self.name, key="sleb_ppl", label="calibration PPL without the layer (SLEB)",
-            values=values, order=order, protected=self.protected(num), steps=steps,
-            n_windows=engine.n_windows, n_tokens=engine.n_tokens, dense_ppl=dense_ppl,
+            values=sleb_values(num, steps), order=[step["removed"] for step in steps],
+            protected=self.protected(num), steps=steps, n_windows=engine.n_windows,
+            n_tokens=engine.n_tokens, dense_ppl=dense_ppl,
         )  # fmt: skip
+
+
+def sleb_values(num_layers: int, steps: Sequence[dict[str, Any]]) -> list[float | None]:
+    """A kept layer's perplexity at the last step that measured it, a removed layer's at the
+    step that removed it, a barrier layer's None."""
+    values: list[float | None] = [None] * num_layers
+    for step in steps:
+        for layer, ppl in step["candidates"].items():
+            values[int(layer)] = ppl
+    for step in steps:
+        values[step["removed"]] = step["ppl"]
+    return values
 
 
 class _KeepEnds(ModelScorer):
@@ -271,7 +292,8 @@ class PPLCriterion(_KeepEnds):
 
     def measure(
         self, model: PreTrainedModel, windows: torch.Tensor, k: int, batch_size: int = 8,
-        progress: bool = False,
+        progress: bool = False, resume: Sequence[dict[str, Any]] = (),
+        on_step: StepSink | None = None,
     ) -> CriterionScores:  # fmt: skip
         engine = self._engine(model, windows, k, batch_size)
         num = engine.stack.num_layers
@@ -300,7 +322,8 @@ class TaylorPlus(_KeepEnds):
 
     def measure(
         self, model: PreTrainedModel, windows: torch.Tensor, k: int, batch_size: int = 8,
-        progress: bool = False,
+        progress: bool = False, resume: Sequence[dict[str, Any]] = (),
+        on_step: StepSink | None = None,
     ) -> CriterionScores:  # fmt: skip
         """``batch_size`` is unused: the batches define the loss, so the scorer's own
         ``batch_size`` sets them (the official code's, 10)."""

@@ -11,6 +11,7 @@ import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -178,10 +179,22 @@ def criterion_scores(
         "batch_size": settings.batch_size,
     }
 
+    # An iterative criterion's steps so far are kept under the key without k, so that a
+    # measurement stopped part-way resumes, and one for more layers starts after one for fewer.
+    steps_key = {**key, "criterion": scorer.identity(None)}
+    steps_cache = JsonCache("criterion-steps", cache_dir) if settings.cache else None
+
     def compute() -> dict[str, Any]:
         windows = calibration.windows(loaded.tokenizer)
         log.debug("measuring %s on %d windows of %d tokens", scorer.name, *windows.shape)
-        measured = scorer.measure(loaded.model, windows, k, settings.batch_size, progress=True)
+        done = (steps_cache.get(steps_key) if steps_cache and scorer.iterative else None) or []
+        if done:
+            log.info("%s: resuming after %d measured step(s)", scorer.name, min(len(done), k))
+        save = partial(steps_cache.put, steps_key) if steps_cache and scorer.iterative else None
+        measured = scorer.measure(
+            loaded.model, windows, k, settings.batch_size, progress=True, resume=done,
+            on_step=save,
+        )  # fmt: skip
         return measured.to_dict()
 
     if not settings.cache:
