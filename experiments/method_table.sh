@@ -23,7 +23,7 @@ sweep() {  # NAME OVERRIDES...: one multirun in its own sweep folder
 presets=shortgpt,streamline_layer,streamline_layer_lm,streamline_ffn,gromov,replaceme
 presets=$presets,replaceme_cosine,sleb,ppl,taylor,last
 sweep sweep "experiment=$presets" "$@"
-sweep random experiment=random seed=0,1,2,3,4 "$@"
+sweep random experiment=random scorer.seed=0,1,2,3,4 "$@"  # the same documents for every seed
 for healed in gromov ppl taylor; do  # what the healing adds: the same plan, no LoRA
   sweep "${healed}_removal" "experiment=$healed" recovery=none "method=${healed}_removal" "$@"
 done

@@ -12,7 +12,7 @@ status=0
 common=(model="$model" sparsity=0.125,0.25,0.375,0.5 sparsity_unit=layer_ratio "paths.runs=$runs")
 python -m layerprune -m experiment=shortgpt,streamline_layer,sleb "${common[@]}" \
   "hydra.sweep.dir=$runs/sweep" "$@" || status=$?
-python -m layerprune -m experiment=random seed=0,1,2,3,4 "${common[@]}" \
+python -m layerprune -m experiment=random scorer.seed=0,1,2,3,4 "${common[@]}" \
   "hydra.sweep.dir=$runs/random" "$@" || status=$?
 python -m layerprune.report "$runs" --out "results/$model/sparsity_curve"
 exit "$status"

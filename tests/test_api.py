@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import pkgutil
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +135,21 @@ def test_results_follow_the_umask(mask: int, file_mode: int, dir_mode: int, tmp_
     assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == file_mode
     assert (tmp_path / "model" / "config.json").stat().st_mode & 0o777 == file_mode
     assert (tmp_path / "model").stat().st_mode & 0o777 == dir_mode
+
+
+# The modules of the app around the library: the entry points, the lm-eval evaluation, the
+# report and the tracker (README, "Layout").
+APP = {"__main__", "app", "search_app", "evaluation", "mirror", "lm_eval_compat", "fastlm",
+       "report", "claims", "choices", "controls", "tracking"}  # fmt: skip
+
+
+def test_the_library_imports_neither_hydra_wandb_nor_lm_eval() -> None:
+    modules = [m.name for m in pkgutil.walk_packages(lp.__path__, "layerprune.")]
+    library = [m for m in modules if m.split(".")[1] not in APP]
+    assert {"layerprune.pipeline", "layerprune.criteria", "layerprune.recovery.lora"} < set(library)
+    code = "".join(f"import {m}\n" for m in library) + (
+        "import sys\nprint(sorted({n.split('.')[0] for n in sys.modules} & "
+        "{'hydra', 'wandb', 'lm_eval'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -117,12 +117,18 @@ def test_missing_failed_and_unevaluated_runs_are_gaps(tmp_path: Path) -> None:
     assert never_run["piqa"] == never_run["Avg"] == never_run["Removed layers"] == "NaN"
 
 
-def test_several_seeds_are_one_row_of_their_mean_and_spread(tmp_path: Path) -> None:
+@pytest.mark.parametrize("seed_key", ["seed", "scorer.seed", "calibration.seed"])
+def test_several_seeds_are_one_row_of_their_mean_and_spread(tmp_path: Path, seed_key: str) -> None:
+    """The run's seed, or only its scorer's or its calibration windows' (the documents stay)."""
     for seed, piqa in enumerate((0.40, 0.50, 0.75)):
         folder = write_run(tmp_path, f"r{seed}", "random", 0.25, {"piqa": piqa},
                            created=f"2026-01-0{seed + 1}T00:00:00+00:00")  # fmt: skip
         record = json.loads((folder / "metrics.json").read_text())
-        record["config"]["seed"] = seed
+        *parents, leaf = seed_key.split(".")
+        node = record["config"]
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = seed
         (folder / "metrics.json").write_text(json.dumps(record))
     write_run(tmp_path, "s", "shortgpt", 0.25, {"piqa": 0.60})
     runs = load_runs([tmp_path])

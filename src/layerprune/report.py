@@ -161,13 +161,20 @@ def sparsity_label(unit: str, amount: float) -> str:
     return f"{100 * amount:g}% {'params' if unit == 'param_ratio' else 'layers'}"
 
 
+def draw(run: Run) -> tuple[Any, ...]:
+    """What the seeds drew in a run: the run's seed, its scorer's (a random plan) and its
+    calibration windows'. Sweeping ``scorer.seed`` or ``calibration.seed`` rather than
+    ``seed`` varies the draw and keeps the evaluated documents (``eval.seed``) the same."""
+    return tuple(get(run, f"config.{k}") for k in ("seed", "scorer.seed", "calibration.seed"))
+
+
 def choose(runs: Iterable[Run], group_by: Sequence[str] = ()) -> dict[Key, Run]:
     """The run shown in each cell: finished over unfinished, then the newest; a superseded
     finished run is reported, since ``--group-by`` may be what tells the two apart."""
     chosen: dict[Key, Run] = {}
     for run in sorted(runs, key=lambda r: (finished(r), r.get("created", ""))):
         key = row_key(run, group_by)
-        seeds = {get(r, "config.seed") for r in (run, chosen.get(key)) if r}
+        seeds = {draw(r) for r in (run, chosen.get(key)) if r}
         if key in chosen and finished(chosen[key]) and len(seeds) == 1:  # (else: seed_groups)
             print(f"note: {run['run_dir']} supersedes {chosen[key]['run_dir']} in the table")
         chosen[key] = run
@@ -175,11 +182,11 @@ def choose(runs: Iterable[Run], group_by: Sequence[str] = ()) -> dict[Key, Run]:
 
 
 def seed_groups(runs: Iterable[Run], group_by: Sequence[str] = ()) -> dict[Key, list[Run]]:
-    """The cells run with more than one ``seed`` (the random baseline's draws): their finished
-    runs, the newest of each seed."""
+    """The cells run with more than one :func:`draw` (the random baseline's seeds, the
+    calibration windows' draws): their finished runs, the newest of each draw."""
     groups: dict[Key, dict[Any, Run]] = {}
     for run in sorted(filter(finished, runs), key=lambda r: r["created"]):
-        groups.setdefault(row_key(run, group_by), {})[get(run, "config.seed")] = run
+        groups.setdefault(row_key(run, group_by), {})[draw(run)] = run
     return {key: list(by_seed.values()) for key, by_seed in groups.items() if len(by_seed) > 1}
 
 
@@ -510,24 +517,35 @@ def first_text(runs: Iterable[Run]) -> str | None:
 
 
 def plot_curves(
-    chosen: dict[Key, Run], out: Path, seeds: dict[Key, list[Run]] | None = None
+    chosen: dict[Key, Run],
+    out: Path,
+    seeds: dict[Key, list[Run]] | None = None,
+    over: tuple[str, Sequence[str]] | None = None,
 ) -> list[Path]:
     """Average accuracy and perplexity (of the first text) against sparsity, per model and
     sparsity unit, with 95% error bars (a cell of several seeds: their mean ± standard
-    deviation); a missing run breaks its line instead of drawing a zero."""
+    deviation); a missing run breaks its line instead of drawing a zero. ``over``: a group-by
+    key and the group-by keys, to draw against that key's (numeric) values instead, per model
+    and sparsity (a training budget, say)."""
     seeds = seeds or {}
+    x_at = 2 if over is None else 4 + list(over[1]).index(over[0])  # the x value's place in a key
+    figure_of = len(TEXT) - 1 if over is None else len(TEXT)  # key[:figure_of] names a figure
 
     def point(key: Key, field: str) -> tuple[float, float, float]:
         return (
             seeds_point(seeds[key], field) if key in seeds else curve_point(chosen.get(key), field)
         )
 
+    def line(key: Key) -> Key:
+        return tuple(v for i, v in enumerate(key) if i >= len(TEXT) - 1 and i != x_at)
+
     paths = []
-    for model, unit in sorted({key[:2] for key in chosen}):
-        keys = [key for key in chosen if key[:2] == (model, unit)]
-        xs = sorted({key[2] for key in keys})
+    for figure in sorted({key[:figure_of] for key in chosen}, key=str):
+        keys = [key for key in chosen if key[:figure_of] == figure]
+        xs = sorted({key[x_at] for key in keys}, key=float)
         if len(xs) < 2 or not any(get(chosen[key], "eval") for key in keys):
             continue
+        model, unit = figure[:2]
         dense = dense_row(run for key, run in chosen.items() if key[0] == model)
         text = first_text(chosen[key] for key in keys)
         panels = [("Avg", "average accuracy (%)", 100.0, "Avg")]
@@ -535,19 +553,25 @@ def plot_curves(
             panels.append((text, f"perplexity {text}".strip(), 1.0, ppl_column(text)))
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
         for ax, (field, ylabel, scale, column) in zip(axes, panels, strict=False):
-            for name in sorted({key[3:] for key in keys}):
-                points = [point((model, unit, x, *name), field) for x in xs]
+            for name in sorted({line(key) for key in keys}, key=str):
+                at = {key[x_at]: key for key in keys if line(key) == name}
+                points = [point(at[x], field) if x in at else (math.nan, 0.0, 0.0) for x in xs]
                 ys = [scale * y for y, _, _ in points]
                 err = [[scale * lo for _, lo, _ in points], [scale * hi for _, _, hi in points]]
-                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3,
+                ax.errorbar(list(map(float, xs)), ys, yerr=err, marker="o", capsize=3,
                             label=" ".join(map(str, name)))  # fmt: skip
             if not is_gap(dense.get(column)):
                 ax.axhline(scale * dense[column], color="black", ls="--", lw=1, label="dense")
-            ax.set(xlabel=f"sparsity ({unit})", ylabel=ylabel)
+            if over is None:
+                ax.set(xlabel=f"sparsity ({unit})", ylabel=ylabel)
+            else:
+                ax.set(xlabel=over[0], ylabel=ylabel, xscale="log")
         axes[1].set_yscale("log")
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"{model} (bars: 95% intervals; over seeds: ± standard deviation)")
-        paths.append(save(fig, out / filename("curve", model, unit)))
+        where = model if over is None else f"{model}, {sparsity_label(unit, figure[2])}"
+        fig.suptitle(f"{where} (bars: 95% intervals; over seeds: ± standard deviation)")
+        suffix = () if over is None else (figure[2], over[0])
+        paths.append(save(fig, out / filename("curve", model, unit, *suffix)))
     return paths
 
 
@@ -781,10 +805,26 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--group-by", type=lambda s: s.split(","), default=[], metavar="KEY[,KEY]",
         help="config keys that split rows and become columns, e.g. calibration.path,calibration.n",
     )  # fmt: skip
+    parser.add_argument(
+        "--curve-over", metavar="KEY", default=None,
+        help="draw the curves against this --group-by key instead of the sparsity, e.g. "
+        "recovery.budget.tokens",
+    )  # fmt: skip
+    parser.add_argument(
+        "--choices", action="store_true",
+        help="also write choices.md: how much each criterion's chosen layers depend on the "
+        "--group-by settings and seeds, and what the differences cost",
+    )  # fmt: skip
     parser.add_argument("--wandb", action="store_true", help="also log it all as a W&B run")
     parser.add_argument("--wandb-mode", choices=("offline", "online"), default="offline")
     parser.add_argument("--wandb-project", default="layerprune")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.curve_over is not None and args.curve_over not in args.group_by:
+        parser.error(
+            f"--curve-over: {args.curve_over}; allowed: one of the --group-by keys "
+            f"({','.join(args.group_by) or 'none given'})"
+        )
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -808,7 +848,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     claims = claims_table(runs)
     if any(row["Verdict"] != "gap" for row in claims.rows):
         write_text(args.out / "claims.md", claims_markdown(claims))
-    figures = [*plot_curves(chosen, args.out, seeds), *plot_layers(chosen, args.out)]
+    if args.choices:
+        from layerprune.choices import choices_markdown  # it reads this module's runs
+
+        write_text(args.out / "choices.md", choices_markdown(runs, args.group_by))
+    over = None if args.curve_over is None else (args.curve_over, args.group_by)
+    figures = [*plot_curves(chosen, args.out, seeds, over), *plot_layers(chosen, args.out)]
     done = sum(map(finished, runs))
     print(markdown)
     print(f"{done} finished and {len(runs) - done} unfinished runs -> {args.out}")
