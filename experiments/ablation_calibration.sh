@@ -17,11 +17,10 @@ shift
 runs=results/runs/ablation_calibration/$model
 status=0
 for scorer in block_influence streamline angular ppl taylor; do
-  python -m layerprune -m "scorer=$scorer" recovery=none \
+  python -m layerprune -m "scorer=$scorer" "++method=$scorer" recovery=none \
     calibration=wiki,c4,tinystories,code calibration.n=16,64,256 calibration.seq_len=128 \
     calibration.seed=0,1,2 model="$model" sparsity=0.25 sparsity_unit=param_ratio \
     paths.runs="$runs" hydra.sweep.dir="$runs/$scorer" "$@" || status=$?
 done
-python -m layerprune.report "$runs" --out "results/$model/ablation_calibration" \
-  --group-by calibration.path,calibration.n --choices
+experiments/report.sh ablation_calibration "$model" || status=$?
 exit "$status"

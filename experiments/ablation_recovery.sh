@@ -31,5 +31,5 @@ sweep sweep_position0_cosine recovery=linear_cosine '++recovery.steps.linear.exc
 while IFS= read -r overrides; do
   eval "python -m layerprune $overrides paths.runs=$runs" || status=$?
 done < <(python -m layerprune.controls "$runs")
-python -m layerprune.report "$runs" --out "results/$model/ablation_recovery"
+experiments/report.sh ablation_recovery "$model" || status=$?
 exit "$status"

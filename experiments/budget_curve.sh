@@ -23,6 +23,5 @@ python -m layerprune -m experiment=gromov "${common[@]}" "hydra.sweep.dir=$runs/
 while IFS= read -r overrides; do  # the controls: plain removal of each block
   eval "python -m layerprune $overrides paths.runs=$runs" || status=$?
 done < <(python -m layerprune.controls "$runs")
-python -m layerprune.report "$runs" --out "results/$model/budget_curve" \
-  --group-by recovery.budget.tokens --curve-over recovery.budget.tokens
+experiments/report.sh budget_curve "$model" || status=$?
 exit "$status"

@@ -23,5 +23,5 @@ sweep ppl_removal experiment=ppl recovery=none method=ppl_removal "$@"
 sweep taylor_removal experiment=taylor recovery=none method=taylor_removal "$@"
 sweep streamline_removal experiment=streamline_layer recovery=none method=streamline_removal "$@"
 # A failed job is a gap in the table, so the table is written either way.
-python -m layerprune.report "$runs" --out "results/$model/criteria"
+experiments/report.sh criteria "$model" || status=$?
 exit "$status"

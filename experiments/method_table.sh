@@ -32,5 +32,5 @@ while IFS= read -r overrides; do
   eval "python -m layerprune $overrides paths.runs=$runs" || status=$?
 done < <(python -m layerprune.controls "$runs")
 # A failed job is a gap in the table, so the table is written either way.
-python -m layerprune.report "$runs" --out "results/$model/method_table"
+experiments/report.sh method_table "$model" || status=$?
 exit "$status"

@@ -13,6 +13,6 @@ for runs in results/runs/*/* results/smoke/runs/*/*; do
   base=results
   [[ $runs == results/smoke/* ]] && base=results/smoke
   echo "$runs -> $base/$model/$study"
-  python -m layerprune.report "$runs" --out "$base/$model/$study" > /dev/null || status=$?
+  experiments/report.sh "$study" "$model" "$base" > /dev/null || status=$?
 done
 exit "$status"

@@ -14,5 +14,5 @@ python -m layerprune -m experiment=shortgpt,streamline_layer,sleb "${common[@]}"
   "hydra.sweep.dir=$runs/sweep" "$@" || status=$?
 python -m layerprune -m experiment=random scorer.seed=0,1,2,3,4 "${common[@]}" \
   "hydra.sweep.dir=$runs/random" "$@" || status=$?
-python -m layerprune.report "$runs" --out "results/$model/sparsity_curve"
+experiments/report.sh sparsity_curve "$model" || status=$?
 exit "$status"

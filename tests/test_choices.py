@@ -51,14 +51,26 @@ def test_agreement_plans_and_cost_by_hand(tmp_path: Path) -> None:
     assert summary.startswith("| tiny | 25% layers | shortgpt | 5 | 2 | 0.60 | 1.00 | 3,4 (3/5) |")
     assert "| 75.0 | -25.0 [" in summary
     rows = [line for line in text.splitlines() if line.startswith("| 3,")]
-    assert rows[0].startswith("| 3,4 | code 16 seed 0; wiki 16 seed 0; wiki 16 seed 1 | 75.0 ± ")
+    assert rows[0].startswith(
+        "| 3,4 | code 16 calibration.seed 0; wiki 16 calibration.seed 0; wiki 16 calibration.seed 1"
+        " | 75.0 ± "
+    )
     assert rows[0].endswith(" | – |")
-    assert rows[1].startswith("| 3,5 | c4 16 seed 0; c4 16 seed 1 | 50.0 ± ")
+    assert rows[1].startswith(
+        "| 3,5 | c4 16 calibration.seed 0; c4 16 calibration.seed 1 | 50.0 ± "
+    )
     # the bootstrap half-widths, near the normal approximation 1.96 sqrt(p (1 - p) / 40)
     halves = [float(row.split(" ± ")[1].split(" |")[0]) for row in rows]
     assert halves == pytest.approx([13.4, 15.5], abs=1.0)
     lo, hi = (float(x) for x in rows[1].split("[")[1].rstrip(" |]").split(","))
     assert -50 < lo < -25 < hi < 0  # 10 of 40 documents flip: decided
+
+
+def test_a_tie_is_named_and_broken_by_the_lower_layers(tmp_path: Path) -> None:
+    calibration_run(tmp_path, "a", "wiki", 0, [3, 5], 20)
+    calibration_run(tmp_path, "b", "wiki", 1, [3, 4], 30)
+    text = choices_markdown(load_runs([tmp_path]), ["calibration.path"])
+    assert "| 2 | 2 | 0.33 | 0.33 | 3,4 (1/2, tie) | 75.0 | -25.0 [" in text
 
 
 def test_the_report_writes_choices_and_curves_over_a_setting(tmp_path: Path) -> None:
@@ -73,6 +85,7 @@ def test_the_report_writes_choices_and_curves_over_a_setting(tmp_path: Path) -> 
         record = json.loads(path.read_text())
         record["config"]["recovery"] = {"budget": {"tokens": tokens}}
         path.write_text(json.dumps(record))
+    write_samples_run(tmp_path / "budget", "control", "streamline_removal", 20, samples=True)
     over = ["--group-by", "recovery.budget.tokens", "--curve-over", "recovery.budget.tokens"]
     main([str(tmp_path / "budget"), "--out", str(out), *over])
     assert (out / "curve_tiny_layer_ratio_0.25_recovery.budget.tokens.png").stat().st_size > 0

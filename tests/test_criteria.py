@@ -18,6 +18,7 @@ from layerprune.criteria import SLEB, CriterionScores, PPLCriterion, TaylorPlus
 from layerprune.engine import SkipEngine, UnsupportedLayers
 from layerprune.errors import LayerpruneError
 from layerprune.layers import decoder_stack
+from layerprune.pipeline import StepsCache
 from layerprune.selection import Sparsity, make_plan
 from layerprune.surgery import remove_layers
 
@@ -130,14 +131,21 @@ def test_a_stopped_sleb_measurement_resumes_to_the_unbroken_choices() -> None:
     with pytest.raises(Stop):
         SLEB().measure(model, windows, k=4, batch_size=2, on_step=stop_after_two)
     assert len(saved) == 2
-    resumed = SLEB().measure(model, windows, k=4, batch_size=2, resume=saved)
+    taken: list[int] = []
+    resumed = SLEB().measure(
+        model, windows, k=4, batch_size=2, resume=saved, on_step=lambda s: taken.append(len(s))
+    )
+    assert taken == [3, 4]  # only the steps after the saved ones are measured
     assert resumed.order == sleb_reference(model, windows, 4)[0]
     whole = SLEB().measure(model, windows, k=4, batch_size=2)
     assert resumed.order == whole.order and resumed.steps[:2] == saved
     assert resumed.values == pytest.approx(whole.values, rel=1e-6)
     # fewer steps than were measured: the first ones, and nothing measured again
-    fewer = SLEB().measure(model, windows, k=1, batch_size=2, resume=saved, on_step=stop_after_two)
-    assert fewer.order == whole.order[:1] and fewer.steps == saved[:1]
+    fewer = SLEB().measure(model, windows, k=1, batch_size=2, resume=saved, on_step=taken.append)
+    assert fewer.order == whole.order[:1] and fewer.steps == saved[:1] and taken == [3, 4]
+    # steps of another model are refused, not replayed
+    with pytest.raises(LayerpruneError, match="cannot resume from its cached steps: 0 is not"):
+        SLEB().measure(model, windows, k=2, resume=[{**saved[0], "removed": 0}])
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -338,7 +346,8 @@ def test_the_scores_cache_key_holds_what_the_criteria_depend_on(
     assert not more[0]["scores_from_cache"] and "sleb: resuming after 2 measured step(s)" in (
         caplog.text
     )
-    assert more[1]["criterion"]["steps"][:2] == first["steps"]
+    uncached = criterion_run(tmp_path, "sleb", "sparsity=3", "scoring.cache=false", *layers)
+    assert more[1]["criterion"]["order"] == uncached[1]["criterion"]["order"]
     barrier = criterion_run(tmp_path, "sleb", "sparsity=2", "scorer.early_barrier=0", *layers)
     assert not barrier[0]["scores_from_cache"]
     # a one-shot criterion's does not depend on the number removed, but on its data
@@ -362,3 +371,15 @@ def test_the_api_measures_and_plans() -> None:
     assert plan.removed_layers == sorted(sleb_reference(loaded.model, windows, 2)[0])
     with pytest.raises(LayerpruneError, match="scorer 'sleb' reads CriterionScores"):
         lp.plan(loaded, lp.score(loaded, windows), lp.SLEB(), sparsity=2, unit="layers")
+
+
+def test_the_steps_cache_keeps_the_longest_run_of_the_same_steps(tmp_path: Path) -> None:
+    steps = StepsCache({"model": "m"}, SLEB(), str(tmp_path))
+    one, two, three = ({"removed": i, "ppl": float(i), "candidates": {}} for i in (3, 1, 4))
+    steps.save([one, two])
+    steps.save([one])  # a job of fewer layers does not shorten it
+    steps.save([two, one, three])  # nor does a different run of steps replace it
+    assert steps.load() == [one, two]
+    steps.save([one, two, three])
+    assert StepsCache({"model": "m"}, SLEB(), str(tmp_path)).load() == [one, two, three]
+    assert StepsCache({"model": "other"}, SLEB(), str(tmp_path)).load() == []

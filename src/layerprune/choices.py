@@ -5,7 +5,7 @@ the window draw. Two questions follow, and this module answers them from the run
 
 * does the criterion pick the same layers? The agreement of two plans is the Jaccard overlap
   of their removed-layer sets (1: the same layers); a criterion's agreement is its mean over
-  all pairs of its runs, and over the pairs that differ only in the seed (the draw of the
+  all pairs of its runs, and over the pairs that differ only in their seeds (the draw of the
   windows alone). The random baseline over seeds gives the agreement of plans chosen by chance.
 * what does the difference cost? Each distinct plan's average accuracy, and its paired
   difference from the plan picked most often, with the 95% interval on the same documents.
@@ -19,11 +19,14 @@ import itertools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from layerprune.report import (
     GAP,
+    Comparison,
     Key,
     Run,
+    draw,
     finished,
     get,
     paired_comparison,
@@ -56,16 +59,44 @@ def mean_agreement(pairs: Iterable[tuple[Layers, Layers]]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+DRAW = ("seed", "scorer.seed", "calibration.seed")  # what report.draw reads, in its order
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a run of a criterion was given: its group-by values and its seeds."""
+
+    groups: tuple[Any, ...]
+    draw: tuple[Any, ...]  # report.draw(run), in the order of DRAW
+
+    def order(self) -> list[tuple[int, float | str]]:
+        """A sort key that puts 16 before 64 before 256 (numbers as numbers, before text)."""
+        out: list[tuple[int, float | str]] = []
+        for value in (*self.groups, *self.draw):
+            try:
+                out.append((0, float(value)))
+            except (TypeError, ValueError):
+                out.append((1, str(value)))
+        return out
+
+
 @dataclass
 class Criterion:
-    """One criterion's runs at one model and sparsity: each run's setting (its group-by values
-    and seed) and the layers it removed."""
+    """One criterion's runs at one model and sparsity, each with its setting."""
 
     key: Key  # (model, sparsity unit, sparsity amount, method)
-    runs: list[tuple[tuple[object, ...], Run]]
+    runs: list[tuple[Setting, Run]]
 
-    def plans(self) -> Counter[Layers]:
-        return Counter(removed(run) for _, run in self.runs)
+    def plans(self) -> list[tuple[Layers, int]]:
+        """The distinct plans and how often each was picked, the most picked first (a tie: the
+        lower layers first)."""
+        counts = Counter(removed(run) for _, run in self.runs)
+        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    def modal(self) -> tuple[Layers, bool]:
+        """The plan picked most often, and whether another was picked as often."""
+        plans = self.plans()
+        return plans[0][0], len(plans) > 1 and plans[1][1] == plans[0][1]
 
     def agreement(self) -> float | None:
         return mean_agreement(
@@ -73,19 +104,34 @@ class Criterion:
         )
 
     def agreement_over_seeds(self) -> float | None:
-        """Over the pairs of runs whose settings differ only in the seed."""
+        """Over the pairs of runs whose settings differ only in the seeds."""
         return mean_agreement(
             (removed(a), removed(b))
             for (sa, a), (sb, b) in itertools.combinations(self.runs, 2)
-            if sa[:-1] == sb[:-1]
+            if sa.groups == sb.groups
         )
 
     def run_of(self, plan: Layers) -> Run:
         """The newest run of ``plan`` (a plan's evaluations are the same wherever it came from:
         the removal cache evaluates it once)."""
-        return max(
-            (run for _, run in self.runs if removed(run) == plan), key=lambda r: r["created"]
-        )
+        runs = [run for _, run in self.runs if removed(run) == plan]
+        return max(runs, key=lambda r: r["created"])
+
+    def label(self, setting: Setting) -> str:
+        """A setting in words: its group-by values and the seeds that vary between the runs
+        (``wiki 64 calibration.seed 2``)."""
+        varying = [i for i in range(len(DRAW)) if len({s.draw[i] for s, _ in self.runs}) > 1]
+        seeds = (f"{DRAW[i]} {setting.draw[i]}" for i in varying)
+        return " ".join([*map(str, setting.groups), *seeds])
+
+    def costs(self) -> dict[Layers, Comparison | None]:
+        """Each plan's average accuracy against the most picked plan's, paired on the same
+        documents (None for the most picked, and where the two cannot be paired)."""
+        modal = self.run_of(self.modal()[0])
+        return {
+            plan: None if plan == removed(modal) else paired_comparison(self.run_of(plan), modal)
+            for plan, _ in self.plans()
+        }
 
 
 def removed(run: Run) -> Layers:
@@ -93,20 +139,30 @@ def removed(run: Run) -> Layers:
 
 
 def criteria(runs: Iterable[Run], group_by: Sequence[str]) -> list[Criterion]:
-    """The finished runs, by criterion (model, sparsity, method) and setting (group-by values,
-    then the seed of the calibration windows; the newest run of a setting)."""
-    cells: dict[Key, dict[tuple[object, ...], Run]] = {}
+    """The finished runs, by criterion (model, sparsity, method) and setting (the newest run of
+    a setting; a note names each run it supersedes, since a setting left out of ``group_by``
+    would merge runs unseen)."""
+    cells: dict[Key, dict[Setting, Run]] = {}
     for run in sorted(filter(finished, runs), key=lambda r: r["created"]):
         key = row_key(run, group_by)
-        setting = (*key[4:], get(run, "config.calibration.seed"))
+        setting = Setting(tuple(key[4:]), draw(run))
+        if (old := cells.get(key[:4], {}).get(setting)) is not None:
+            print(f"note: {run['run_dir']} supersedes {old['run_dir']} in choices.md")
         cells.setdefault(key[:4], {})[setting] = run
-    return [Criterion(key, sorted(by.items(), key=lambda kv: str(kv[0])))
+    return [Criterion(key, sorted(by.items(), key=lambda kv: kv[0].order()))
             for key, by in sorted(cells.items(), key=lambda kv: str(kv[0]))]  # fmt: skip
 
 
 def fmt(value: float | None, scale: float = 1.0) -> str:
     """An agreement with two decimals, a percentage (``scale=100``) with one."""
     return GAP if value is None else f"{scale * value:.{1 if scale != 1 else 2}f}"
+
+
+def difference(cmp: Comparison | None) -> str:
+    """A paired difference in points with its 95% interval."""
+    if cmp is None:
+        return GAP
+    return f"{100 * cmp.delta:+.1f} [{100 * cmp.ci[0]:+.1f}, {100 * cmp.ci[1]:+.1f}]"
 
 
 def average(run: Run) -> tuple[float | None, float | None]:
@@ -118,11 +174,6 @@ def average(run: Run) -> tuple[float | None, float | None]:
     return avg.get("pruned"), (ci["hi"] - ci["lo"]) / 2 if isinstance(ci, dict) else None
 
 
-def setting_label(setting: tuple[object, ...]) -> str:
-    *groups, seed = setting
-    return " ".join([*map(str, groups), f"seed {seed}"])  # the windows' seed
-
-
 def summary_rows(found: Sequence[Criterion]) -> list[str]:
     rows = [
         "| Model | Sparsity | Method | Runs | Plans | Agreement (all) | Agreement (seeds) "
@@ -131,55 +182,42 @@ def summary_rows(found: Sequence[Criterion]) -> list[str]:
     ]
     for c in found:
         model, unit, amount, method = c.key
-        plans = c.plans()
-        modal, count = plans.most_common(1)[0]
+        (modal, count), tie = c.plans()[0], c.modal()[1]
         avg, _ = average(c.run_of(modal))
-        worst = worst_difference(c, modal)
+        measured = [cmp for cmp in c.costs().values() if cmp is not None]
+        worst = min(measured, key=lambda cmp: cmp.delta) if measured else None
         rows.append(
-            f"| {model} | {sparsity_label(unit, amount)} | {method} | {len(c.runs)} | {len(plans)} "
-            f"| {fmt(c.agreement())} | {fmt(c.agreement_over_seeds())} | {spans(modal)} "
-            f"({count}/{len(c.runs)}) | {fmt(avg, 100)} | {worst} |"
+            f"| {model} | {sparsity_label(unit, amount)} | {method} | {len(c.runs)} "
+            f"| {len(c.plans())} | {fmt(c.agreement())} | {fmt(c.agreement_over_seeds())} "
+            f"| {spans(modal)} ({count}/{len(c.runs)}{', tie' if tie else ''}) | {fmt(avg, 100)} "
+            f"| {difference(worst)} |"
         )
     return rows
-
-
-def worst_difference(c: Criterion, modal: Layers) -> str:
-    """The lowest paired ΔAvg of another plan against the modal one, with its interval."""
-    found = []
-    for plan in c.plans():
-        if plan != modal and (cmp := paired_comparison(c.run_of(plan), c.run_of(modal))):
-            found.append(cmp)
-    if not found:
-        return GAP
-    w = min(found, key=lambda cmp: cmp.delta)
-    return f"{100 * w.delta:+.1f} [{100 * w.ci[0]:+.1f}, {100 * w.ci[1]:+.1f}]"
 
 
 def plan_rows(c: Criterion) -> list[str]:
     """Each distinct plan of one criterion: the settings that picked it, its average accuracy
     and its paired difference from the plan picked most often."""
-    plans = c.plans()
-    modal = plans.most_common(1)[0][0]
     rows = ["| Removed layers | Picked by | Avg ± | ΔAvg vs most picked [95%] |",
             "|---|---|---|---|"]  # fmt: skip
-    for plan, _ in plans.most_common():
-        by = "; ".join(setting_label(s) for s, run in c.runs if removed(run) == plan)
+    costs = c.costs()
+    for plan, _ in c.plans():
+        by = "; ".join(c.label(s) for s, run in c.runs if removed(run) == plan)
         avg, half = average(c.run_of(plan))
-        cmp = None if plan == modal else paired_comparison(c.run_of(plan), c.run_of(modal))
-        delta = (
-            GAP if cmp is None
-            else f"{100 * cmp.delta:+.1f} [{100 * cmp.ci[0]:+.1f}, {100 * cmp.ci[1]:+.1f}]"
-        )  # fmt: skip
-        rows.append(f"| {spans(plan)} | {by} | {fmt(avg, 100)} ± {fmt(half, 100)} | {delta} |")
+        rows.append(
+            f"| {spans(plan)} | {by} | {fmt(avg, 100)} ± {fmt(half, 100)} "
+            f"| {difference(costs[plan])} |"
+        )
     return rows
 
 
 NOTE = (
     "Agreement: the mean Jaccard overlap |A ∩ B| / |A ∪ B| of the removed-layer sets over all "
-    "pairs of a criterion's runs (all) and over the pairs that differ only in the seed of the "
-    "window draw (seeds); 1 = the same layers every time. Avg in %, ± the half-width of its 95% "
-    "interval; ΔAvg: a plan's average accuracy minus the most picked plan's, paired on the same "
-    "documents (95% bootstrap interval; undecided where it holds 0)."
+    "pairs of a criterion's runs (all) and over the pairs that differ only in their seeds "
+    "(seeds: the draw of the calibration windows, or of a random plan); 1 = the same layers "
+    "every time. Most picked: (runs that picked it / runs), a tie named. Avg in %, ± the "
+    "half-width of its 95% interval; ΔAvg: a plan's average accuracy minus the most picked "
+    "plan's, paired on the same documents (95% bootstrap interval; undecided where it holds 0)."
 )
 
 

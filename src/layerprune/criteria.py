@@ -91,8 +91,10 @@ class CriterionScores:
 class ModelScorer(Scorer):
     """A scorer that measures the model on calibration windows (see the module docstring).
 
-    ``iterative``: the choice of k layers is not the first k of the choice of k+1 in general,
-    so the measurement depends on k (and the scores cache key holds it).
+    ``iterative``: the criterion removes one layer at a time and measures the model again
+    after each removal. Its order for k layers is the first k of its order for more (which is
+    what lets a stopped measurement resume and a longer one extend a shorter one), but its
+    values, read at the last step, depend on k, so the scores cache key holds k.
     """
 
     iterative: ClassVar[bool] = False
@@ -124,7 +126,8 @@ class ModelScorer(Scorer):
 
     def identity(self, k: int | None) -> dict[str, Any]:
         """The scores cache key's part for this scorer: its class, settings and, for an
-        iterative criterion, the number of layers it removes."""
+        iterative criterion, the number of layers it removes (None: the key of its steps,
+        which serve every k)."""
         cls = type(self)
         return {
             "scorer": f"{cls.__module__}.{cls.__qualname__}",
@@ -219,6 +222,12 @@ class SLEB(ModelScorer):
         dense_ppl = perplexity_of(engine.nll(), engine.n_tokens)
         steps = [dict(step) for step in resume[:k]]
         for step in steps:  # the current model of the last step taken, rebuilt
+            removable = engine.kept[self.early_barrier : len(engine.kept) - self.latter_barrier]
+            if step.get("removed") not in removable:
+                raise LayerpruneError(
+                    f"sleb cannot resume from its cached steps: {step.get('removed')} is not a "
+                    "removable layer of this model (delete the criterion-steps cache folder)"
+                )
             engine.remove(engine.kept.index(step["removed"]))
         barriers = self.early_barrier + self.latter_barrier
         total = sum(num - s - barriers for s in range(len(steps), k))

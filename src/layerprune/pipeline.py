@@ -11,7 +11,6 @@ import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -158,6 +157,25 @@ def layer_stats(
     return LayerStats.from_dict(payload), hit
 
 
+class StepsCache:
+    """An iterative criterion's steps so far, kept under its scores key without k, so that a
+    measurement stopped part-way resumes, and one for more layers starts after one for fewer.
+    Only a longer run of the same steps replaces the entry: jobs of several sizes may share it."""
+
+    def __init__(self, key: dict[str, Any], scorer: ModelScorer, cache_dir: str | None) -> None:
+        self.key = {**key, "criterion": scorer.identity(None)}
+        self.cache = JsonCache("criterion-steps", cache_dir)
+
+    def load(self) -> list[dict[str, Any]]:
+        steps = self.cache.get(self.key)
+        return steps if isinstance(steps, list) else []
+
+    def save(self, steps: list[dict[str, Any]]) -> None:
+        stored = self.load()
+        if len(steps) > len(stored) and steps[: len(stored)] == stored:
+            self.cache.put(self.key, steps)
+
+
 def criterion_scores(
     loaded: LoadedModel,
     calibration: Calibration,
@@ -179,21 +197,17 @@ def criterion_scores(
         "batch_size": settings.batch_size,
     }
 
-    # An iterative criterion's steps so far are kept under the key without k, so that a
-    # measurement stopped part-way resumes, and one for more layers starts after one for fewer.
-    steps_key = {**key, "criterion": scorer.identity(None)}
-    steps_cache = JsonCache("criterion-steps", cache_dir) if settings.cache else None
+    steps = StepsCache(key, scorer, cache_dir) if settings.cache and scorer.iterative else None
 
     def compute() -> dict[str, Any]:
         windows = calibration.windows(loaded.tokenizer)
         log.debug("measuring %s on %d windows of %d tokens", scorer.name, *windows.shape)
-        done = (steps_cache.get(steps_key) if steps_cache and scorer.iterative else None) or []
+        done = steps.load() if steps else []
         if done:
             log.info("%s: resuming after %d measured step(s)", scorer.name, min(len(done), k))
-        save = partial(steps_cache.put, steps_key) if steps_cache and scorer.iterative else None
         measured = scorer.measure(
             loaded.model, windows, k, settings.batch_size, progress=True, resume=done,
-            on_step=save,
+            on_step=steps.save if steps else None,
         )  # fmt: skip
         return measured.to_dict()
 

@@ -528,8 +528,10 @@ def plot_curves(
     key and the group-by keys, to draw against that key's (numeric) values instead, per model
     and sparsity (a training budget, say)."""
     seeds = seeds or {}
-    x_at = 2 if over is None else 4 + list(over[1]).index(over[0])  # the x value's place in a key
-    figure_of = len(TEXT) - 1 if over is None else len(TEXT)  # key[:figure_of] names a figure
+    # Where a key holds its x value, and how much of the key names its figure: the model and
+    # unit (against sparsity), or the model, unit and sparsity (against a group-by key).
+    x_at = 2 if over is None else len(TEXT) + 1 + list(over[1]).index(over[0])
+    figure_of = len(TEXT) - 1 if over is None else len(TEXT)
 
     def point(key: Key, field: str) -> tuple[float, float, float]:
         return (
@@ -537,11 +539,18 @@ def plot_curves(
         )
 
     def line(key: Key) -> Key:
-        return tuple(v for i, v in enumerate(key) if i >= len(TEXT) - 1 and i != x_at)
+        return tuple(v for i, v in enumerate(key) if i >= figure_of and i != x_at)
+
+    def numeric(value: Any) -> bool:
+        try:
+            return not math.isnan(float(value))
+        except (TypeError, ValueError):
+            return False
 
     paths = []
-    for figure in sorted({key[:figure_of] for key in chosen}, key=str):
-        keys = [key for key in chosen if key[:figure_of] == figure]
+    drawn = [key for key in chosen if numeric(key[x_at])]  # (a control has no budget, say)
+    for figure in sorted({key[:figure_of] for key in drawn}, key=str):
+        keys = [key for key in drawn if key[:figure_of] == figure]
         xs = sorted({key[x_at] for key in keys}, key=float)
         if len(xs) < 2 or not any(get(chosen[key], "eval") for key in keys):
             continue
