@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,18 @@ def test_a_file_that_is_not_utf8_is_one_error(tmp_path: Path) -> None:
     path.write_bytes("caf\xe9 ".encode("latin-1") * 100)
     with pytest.raises(LayerpruneError, match=r"is not UTF-8 text \(byte 0xe9 at offset 3\)"):
         list(TextFile(path=str(path)).documents())
+
+
+def test_a_text_file_is_identified_by_its_content_not_its_time(tmp_path: Path) -> None:
+    """A data folder provisioned again (new times, same bytes) keeps its caches."""
+    first, again = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("some calibration text\n")
+    again.write_text("some calibration text\n")
+    os.utime(again, ns=(1, 1))
+    one, two = (TextFile(path=str(p), n=1, seq_len=4).identity() for p in (first, again))
+    assert {k: v for k, v in one.items() if k != "path"} == {
+        k: v for k, v in two.items() if k != "path"
+    }
+    assert one["sha256"] == hashlib.sha256(b"some calibration text\n").hexdigest()
+    again.write_text("other calibration text\n")
+    assert TextFile(path=str(again), n=1, seq_len=4).identity()["sha256"] != one["sha256"]
