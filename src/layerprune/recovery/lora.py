@@ -7,6 +7,7 @@ are removed unmerged, leaving the model as it came in.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -69,8 +70,11 @@ class LoraHealing(Training):
         config = LoraConfig(
             r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets
         )
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             torch.manual_seed(self.seed)
+            # peft reads transformers' deprecated alias of is_activation_checkpointing; the
+            # warning is about peft's code, not about anything a user of this step can change.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
             try:
                 peft_model = get_peft_model(model, config)
             except ValueError as e:
