@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from layerprune.report import (
+    DRAW,
     GAP,
     Comparison,
     Key,
@@ -57,9 +58,6 @@ def mean_agreement(pairs: Iterable[tuple[Layers, Layers]]) -> float | None:
     """The mean Jaccard overlap over ``pairs``; None without any."""
     values = [jaccard(a, b) for a, b in pairs]
     return sum(values) / len(values) if values else None
-
-
-DRAW = ("seed", "scorer.seed", "calibration.seed")  # what report.draw reads, in its order
 
 
 @dataclass(frozen=True)
@@ -174,17 +172,17 @@ def average(run: Run) -> tuple[float | None, float | None]:
     return avg.get("pruned"), (ci["hi"] - ci["lo"]) / 2 if isinstance(ci, dict) else None
 
 
-def summary_rows(found: Sequence[Criterion]) -> list[str]:
+def summary_rows(found: Sequence[tuple[Criterion, dict[Layers, Comparison | None]]]) -> list[str]:
     rows = [
         "| Model | Sparsity | Method | Runs | Plans | Agreement (all) | Agreement (seeds) "
         "| Most picked | Its Avg | Worst plan's ΔAvg [95%] |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in found:
+    for c, costs in found:
         model, unit, amount, method = c.key
         (modal, count), tie = c.plans()[0], c.modal()[1]
         avg, _ = average(c.run_of(modal))
-        measured = [cmp for cmp in c.costs().values() if cmp is not None]
+        measured = [cmp for cmp in costs.values() if cmp is not None]
         worst = min(measured, key=lambda cmp: cmp.delta) if measured else None
         rows.append(
             f"| {model} | {sparsity_label(unit, amount)} | {method} | {len(c.runs)} "
@@ -195,12 +193,11 @@ def summary_rows(found: Sequence[Criterion]) -> list[str]:
     return rows
 
 
-def plan_rows(c: Criterion) -> list[str]:
+def plan_rows(c: Criterion, costs: dict[Layers, Comparison | None]) -> list[str]:
     """Each distinct plan of one criterion: the settings that picked it, its average accuracy
     and its paired difference from the plan picked most often."""
     rows = ["| Removed layers | Picked by | Avg ± | ΔAvg vs most picked [95%] |",
             "|---|---|---|---|"]  # fmt: skip
-    costs = c.costs()
     for plan, _ in c.plans():
         by = "; ".join(c.label(s) for s, run in c.runs if removed(run) == plan)
         avg, half = average(c.run_of(plan))
@@ -222,10 +219,11 @@ NOTE = (
 
 
 def choices_markdown(runs: Iterable[Run], group_by: Sequence[str]) -> str:
-    found = criteria(runs, group_by)
+    found = [(c, c.costs()) for c in criteria(runs, group_by)]  # each bootstrap once
     lines = ["# How much each criterion's choice depends on its calibration", "", NOTE, ""]
     lines += [*summary_rows(found), ""]
-    for c in found:
+    for c, costs in found:
         model, unit, amount, method = c.key
-        lines += [f"## {method}, {model}, {sparsity_label(unit, amount)}", "", *plan_rows(c), ""]
+        title = f"## {method}, {model}, {sparsity_label(unit, amount)}"
+        lines += [title, "", *plan_rows(c, costs), ""]
     return "\n".join(lines)

@@ -161,11 +161,14 @@ def sparsity_label(unit: str, amount: float) -> str:
     return f"{100 * amount:g}% {'params' if unit == 'param_ratio' else 'layers'}"
 
 
+DRAW = ("seed", "scorer.seed", "calibration.seed")  # the config keys whose seeds :func:`draw` reads
+
+
 def draw(run: Run) -> tuple[Any, ...]:
     """What the seeds drew in a run: the run's seed, its scorer's (a random plan) and its
     calibration windows'. Sweeping ``scorer.seed`` or ``calibration.seed`` rather than
     ``seed`` varies the draw and keeps the evaluated documents (``eval.seed``) the same."""
-    return tuple(get(run, f"config.{k}") for k in ("seed", "scorer.seed", "calibration.seed"))
+    return tuple(get(run, f"config.{k}") for k in DRAW)
 
 
 def choose(runs: Iterable[Run], group_by: Sequence[str] = ()) -> dict[Key, Run]:
