@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import layerprune as lp
 import layerprune.models
+from layerprune import report
 from layerprune.app import run
 from layerprune.calibration import TextFile
 from layerprune.errors import LayerpruneError
@@ -28,9 +30,9 @@ from layerprune.search import (
     heldout_windows,
     search,
     search_record,
-    search_table,
     spearman,
 )
+from layerprune.search_report import search_table
 from layerprune.surgery import remove_layers
 
 from .conftest import MIRROR, compose_config, load
@@ -63,6 +65,14 @@ def test_the_search_picks_the_plan_of_least_heldout_kl(tmp_path: Path) -> None:
     record = run(cfg, tmp_path)
     assert record == json.loads((tmp_path / "search.json").read_text())
     assert (tmp_path / "search.md").is_file() and (tmp_path / "search.png").is_file()
+    # layerprune-report writes the same table and figure from search.json alone, and does not
+    # take the search's folder for an unfinished run
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    assert report.load_runs([tmp_path]) == []
+    report.main([str(tmp_path), "--out", str(tmp_path / "report")])
+    for name in ("search.md", "search.png"):
+        assert (tmp_path / "report" / name).read_bytes() == (tmp_path / name).read_bytes()
     loaded = load("tiny_llama")
     calibration = TextFile(n=4, seq_len=32, path=str(MIRROR / "text" / "wiki.txt"))
     scored = calibration.windows(loaded.tokenizer)

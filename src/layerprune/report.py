@@ -31,6 +31,7 @@ from layerprune.errors import LayerpruneError
 from layerprune.files import atomic_write, read_json, write_text
 from layerprune.plots import draw_metrics
 from layerprune.records import run_records
+from layerprune.search_report import SEARCH, render
 from layerprune.stability import (
     Sample,
     accuracy_stats,
@@ -90,7 +91,8 @@ def finished(run: Run) -> bool:
 
 def find_runs(roots: Iterable[Path]) -> list[Run]:
     """Finished runs (``metrics.json``) and unfinished Hydra jobs (``.hydra/config.yaml`` only),
-    each with its ``run_dir``. metrics.json is written last and atomically, so it is complete."""
+    each with its ``run_dir``. metrics.json is written last and atomically, so it is complete.
+    A search's folder is neither: its record is ``search.json`` (:func:`find_searches`)."""
     runs = []
     for root in roots:
         runs += [{**record, "run_dir": str(folder)} for folder, record in run_records(root)]
@@ -98,8 +100,23 @@ def find_runs(roots: Iterable[Path]) -> list[Run]:
             job = path.parent.parent
             if not (job / "metrics.json").exists():
                 config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-                runs.append({"config": config, "run_dir": str(job)})
+                if isinstance(config, dict) and config.get("method") != "search":
+                    runs.append({"config": config, "run_dir": str(job)})
     return runs
+
+
+def find_searches(roots: Iterable[Path], models: Sequence[str] = ()) -> list[tuple[Path, Run]]:
+    """Every budgeted search's record (``search.json``) under ``roots``, with its folder
+    relative to its root: the search's table and figure go to the same place under ``--out``."""
+    found = []
+    for root in roots:
+        for path in sorted(root.glob("**/search.json")):
+            record = read_json(path)
+            if record.get("kind") == SEARCH and (
+                not models or get(record, "config.model.name") in models
+            ):
+                found.append((path.parent.relative_to(root), record))
+    return found
 
 
 def newest_per_hash(runs: Iterable[Run]) -> list[Run]:
@@ -842,8 +859,18 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
     runs = load_runs(args.paths, args.model)
-    if not runs:
+    searches = find_searches(args.paths, args.model)
+    if not runs and not searches:
         raise SystemExit(f"layerprune-report: no runs under {' '.join(map(str, args.paths))}")
+    for folder, record in searches:
+        render(record, args.out / folder)
+        print(f"search {folder} -> {args.out / folder}")
+    if runs:
+        report_runs(runs, args)
+
+
+def report_runs(runs: list[Run], args: argparse.Namespace) -> None:
+    """The table, comparisons, claims, choices and figures of ``runs``."""
     chosen = choose(runs, args.group_by)
     seeds = seed_groups(runs, args.group_by)
     table = build_table(chosen, args.group_by, seeds)

@@ -19,14 +19,8 @@ from layerprune.criteria import ModelScorer
 from layerprune.files import write_json
 from layerprune.pipeline import NoEvaluator
 from layerprune.scoring import SELECTIONS, Scorer
-from layerprune.search import (
-    EVALUATE,
-    SearchSettings,
-    plot_search,
-    search,
-    search_record,
-    search_table,
-)
+from layerprune.search import EVALUATE, SearchSettings, search, search_record
+from layerprune.search_report import render, search_table
 from layerprune.selection import Sparsity
 from layerprune.validation import (
     MISSING,
@@ -174,7 +168,6 @@ def run_search(cfg: DictConfig, out: Path) -> dict[str, Any]:
     )
     record = search_record(loaded, results, job.config)
     write_json(out / "search.json", record)
-    (out / "search.md").write_text(search_table(record))
-    plot_search(record, out / "search.png")
+    render(record, out)
     log.info("%s", search_table(record))
     return record
