@@ -18,6 +18,7 @@ from layerprune.app import CONF_DIR, build, job_from_config
 from layerprune.criteria import ModelScorer
 from layerprune.files import write_json
 from layerprune.pipeline import NoEvaluator
+from layerprune.resources import Timer, peak_memory, reset_peak_memory
 from layerprune.scoring import SELECTIONS, Scorer
 from layerprune.search import EVALUATE, SearchSettings, search, search_record
 from layerprune.search_report import render, search_table
@@ -158,15 +159,20 @@ def run_search(cfg: DictConfig, out: Path) -> dict[str, Any]:
     )
     from layerprune.validation import check_model
 
+    timer = Timer()
+    reset_peak_memory()
     loaded = job.load_model()
     for budget in settings.budgets:
         check_model(loaded, Sparsity(budget, settings.unit), job.recovery, job.lengths())
     if not isinstance(job.evaluator, NoEvaluator):
-        job.evaluator.dense(loaded)
-    results = search(
-        loaded, job.calibration, found, settings, job.evaluator, out, job.scoring, job.cache_dir
-    )
+        with timer.stage("evaluate_dense"):
+            job.evaluator.dense(loaded)
+    with timer.stage("search"):
+        results = search(
+            loaded, job.calibration, found, settings, job.evaluator, out, job.scoring, job.cache_dir
+        )
     record = search_record(loaded, results, job.config)
+    record |= {"timings": timer.total(), "peak_memory_gib": peak_memory()}
     write_json(out / "search.json", record)
     render(record, out)
     log.info("%s", search_table(record))

@@ -79,6 +79,13 @@ def search_table(record: dict[str, Any]) -> str:
     for key, cost in (("front_params", "parameters"), ("front_prefill", "prefill time")):
         points = [f"{c['removed']} ({c['params_after'] / before:.1%})" for c in record[key]]
         lines.append(f"Front against {cost}: {'; '.join(points) or '–'}")
+    if timings := record.get("timings"):  # recorded by searches since they were measured
+        dense = timings.get("evaluate_dense")
+        lines.append(
+            f"Wall time {timings['total'] / 60:.1f} min"
+            + ("" if dense is None else f" (the dense evaluation {dense / 60:.1f})")
+            + f"; peak resident memory {record['peak_memory_gib']['cpu_rss']:.1f} GiB"
+        )
     return "\n".join(lines) + "\n"
 
 
