@@ -290,3 +290,30 @@ def test_bad_search_settings_fail_before_any_model(
         run(compose_config([*SEARCH, override]), tmp_path)
     assert str(err.value).startswith(message), str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_the_table_gives_each_evaluated_plans_perplexities_and_the_dense_model() -> None:
+    def ppl(value: float, lo: float, hi: float) -> dict[str, Any]:
+        return {"ppl": value, "ci": {"lo": lo, "hi": hi}}
+
+    evaluation = {
+        "average": {"dense": 0.5, "pruned": 0.4, "dense_ci": {"lo": 0.48, "hi": 0.52},
+                    "pruned_ci": {"lo": 0.37, "hi": 0.43}},
+        "perplexity": {
+            "wikitext2": {"dense": ppl(20.0, 19.0, 21.0), "pruned": ppl(40.0, 37.0, 45.0)},
+            "c4": {"dense": ppl(30.0, 28.0, 32.0), "pruned": ppl(60.0, 50.0, 70.0)}},
+    }  # fmt: skip
+    chosen = {"removed": [1], "proposers": ["a"], "params_after": 80, "kl": 0.5, "ppl": 9.0,
+              "prefill_s": 1.0, "accuracy": 0.4, "evaluation": evaluation}  # fmt: skip
+    other = {**chosen, "removed": [2], "proposers": ["b"], "prefill_s": None, "accuracy": None,
+             "evaluation": None, "kl": 0.7}  # fmt: skip
+    budget = {"budget": 1, "k": 1, "candidates": [chosen, other], "evaluated_ranks": [1],
+              "evaluate": "top", "skipped": {}, "spearman_proxy_accuracy": None}  # fmt: skip
+    record = {"model": {"name": "m"}, "params_before": 100, "budgets": [budget],
+              "spearman_proxy_accuracy": None, "quality": "evaluation average",
+              "front_params": [chosen], "front_prefill": [chosen]}  # fmt: skip
+    table = search_table(record)
+    assert "Dense model: accuracy 50.0 ± 2.0; wikitext2 20.0 ± 1.0; c4 30.0 ± 2.0." in table
+    assert "| Δ vs rank 1 | wikitext2 PPL | c4 PPL |" in table
+    assert "| 40.0 ± 3.0 | – | 40.0 ± 4.0 | 60.0 ± 10.0 |" in table  # half-widths of the CIs
+    assert "| – | – | – | – |" in table  # the plan that was not evaluated

@@ -26,8 +26,7 @@ def _accuracy(c: dict[str, Any]) -> str:
     if c["accuracy"] is None:
         return "–"
     ci = ((c.get("evaluation") or {}).get("average") or {}).get("pruned_ci")
-    pm = f" ± {50 * (ci['hi'] - ci['lo']):.1f}" if ci else ""
-    return f"{100 * c['accuracy']:.1f}{pm}"
+    return f"{100 * c['accuracy']:.1f}{_half(ci, 100)}"
 
 
 def _versus(paired: dict[str, float] | None) -> str:
@@ -39,13 +38,46 @@ def _versus(paired: dict[str, float] | None) -> str:
     return f"{100 * paired['delta']:+.1f} [{lo:+.1f}, {hi:+.1f}]{undecided}"
 
 
+def _half(ci: dict[str, float] | None, scale: float = 1.0) -> str:
+    return "" if not ci else f" ± {scale * (ci['hi'] - ci['lo']) / 2:.1f}"
+
+
+def _texts(record: dict[str, Any]) -> list[str]:
+    """The perplexity texts of the evaluated plans (WikiText-2, C4, ...), in recorded order."""
+    names: dict[str, None] = {}
+    for budget in record["budgets"]:
+        for c in budget["candidates"]:
+            names |= dict.fromkeys((c.get("evaluation") or {}).get("perplexity") or {})
+    return list(names)
+
+
+def _ppl(c: dict[str, Any], text: str, side: str = "pruned") -> str:
+    """The evaluation's perplexity of ``text`` ± the half-width of its 95% interval."""
+    got = ((c.get("evaluation") or {}).get("perplexity") or {}).get(text, {}).get(side)
+    return "–" if not got or got.get("ppl") is None else f"{got['ppl']:.1f}{_half(got.get('ci'))}"
+
+
+def _dense(record: dict[str, Any], texts: list[str]) -> list[str]:
+    """The dense model's evaluation, read from the first evaluated plan (every plan is
+    evaluated on the same documents and windows)."""
+    for budget in record["budgets"]:
+        for c in budget["candidates"]:
+            average = (c.get("evaluation") or {}).get("average") or {}
+            if average.get("dense") is not None:
+                ppl = "".join(f"; {t} {_ppl(c, t, 'dense')}" for t in texts)
+                dense = f"{100 * average['dense']:.1f}{_half(average.get('dense_ci'), 100)}"
+                return [f"Dense model: accuracy {dense}{ppl}.", ""]
+    return []
+
+
 def search_table(record: dict[str, Any]) -> str:
     """Markdown: per budget, its candidates best first (the chosen one is rank 1), which of
-    them were evaluated (accuracy in points ± the half-width of its 95% interval; Δ vs rank 1:
-    the paired difference from the chosen plan with its interval), then the correlations and
-    the fronts."""
+    them were evaluated (accuracy in points and the evaluation's perplexities, each ± the
+    half-width of its 95% interval; Δ vs rank 1: the paired difference from the chosen plan
+    with its interval), then the correlations and the fronts."""
     before = record["params_before"]
-    lines = [f"# Budgeted search: {record['model']['name']}", ""]
+    texts = _texts(record)
+    lines = [f"# Budgeted search: {record['model']['name']}", "", *_dense(record, texts)]
     for budget in record["budgets"]:
         ranks = budget["evaluated_ranks"]
         which = "the best by the proxy" if budget["evaluate"] == "top" else "spread over the ranks"
@@ -55,9 +87,9 @@ def search_table(record: dict[str, Any]) -> str:
             f"## budget {budget['budget']} ({budget['k']} layers)", "",
             f"Timed and evaluated: ranks {', '.join(map(str, ranks)) or '–'} of "
             f"{len(budget['candidates'])} ({which}).", "",
-            "| rank | removed | proposed by | params | KL/token | PPL | prefill s | accuracy | "
-            "Δ vs rank 1 |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| rank | removed | proposed by | params | held-out KL/token | held-out PPL | "
+            "prefill s | accuracy | Δ vs rank 1 |" + "".join(f" {t} PPL |" for t in texts),
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(texts),
         ]  # fmt: skip
         for rank, c in enumerate(budget["candidates"], 1):
             lines.append(
@@ -65,6 +97,7 @@ def search_table(record: dict[str, Any]) -> str:
                 f"{c['params_after'] / before:.1%} | {_cell(c['kl'], '.4f')} | "
                 f"{_cell(c['ppl'], '.2f')} | {_cell(c['prefill_s'], '.3f')} | "
                 f"{_accuracy(c)} | {_versus(c.get('vs_chosen'))} |"
+                + "".join(f" {_ppl(c, t)} |" for t in texts)
             )
         rho = _cell(budget["spearman_proxy_accuracy"], ".3f")
         lines += ["", f"Spearman (−KL vs accuracy, the {len(ranks)} evaluated plans): {rho}", ""]
