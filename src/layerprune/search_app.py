@@ -21,7 +21,7 @@ from layerprune.pipeline import NoEvaluator
 from layerprune.resources import Timer, peak_memory, reset_peak_memory
 from layerprune.scoring import SELECTIONS, Scorer
 from layerprune.search import EVALUATE, SearchSettings, search, search_record
-from layerprune.search_report import render, search_table
+from layerprune.search_report import render
 from layerprune.selection import Sparsity
 from layerprune.validation import (
     MISSING,
@@ -174,6 +174,5 @@ def run_search(cfg: DictConfig, out: Path) -> dict[str, Any]:
     record = search_record(loaded, results, job.config)
     record |= {"timings": timer.total(), "peak_memory_gib": peak_memory()}
     write_json(out / "search.json", record)
-    render(record, out)
-    log.info("%s", search_table(record))
+    log.info("%s", render(record, out))
     return record

@@ -147,7 +147,9 @@ def plot_search(record: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def render(record: dict[str, Any], out: Path) -> list[Path]:
-    """search.md and search.png of ``record`` into ``out``."""
-    table = write_text(out / "search.md", search_table(record))
-    return [table, plot_search(record, out / "search.png")]
+def render(record: dict[str, Any], out: Path) -> str:
+    """search.md and search.png of ``record`` into ``out``; returns the table's text."""
+    table = search_table(record)
+    write_text(out / "search.md", table)
+    plot_search(record, out / "search.png")
+    return table
