@@ -94,14 +94,16 @@ def test_the_table_marks_each_claim_from_the_samples(tmp_path: Path) -> None:
     assert stab["A − B"] == f"{100 * (expected[0] - expected[1]):+.1f}" == "+40.0"
     assert stab["Verdict"] == "supported"
     # SLEB has no perplexity windows in these records and replaceme was not run: gaps; a claim
-    # neither of whose sides was run adds no row
+    # neither of whose sides was run is a gap row too, one per side pair and measure
     assert by["sleb", "perplexity"]["Verdict"] == "gap"
     assert by["replaceme (not run)", "accuracy"]["Verdict"] == "gap"
-    ran = {"streamline_layer", "shortgpt", "sleb"}
-    assert {r["Claim"] for r in rows} == {c.text for c in CLAIMS if ran & {c.a, c.b}}
+    assert by["gromov (not run)", "perplexity"]["B"] == "gromov_removal (not run)"
+    assert by["trained replacement (not run)", "accuracy"]["Verdict"] == "gap"
+    assert {r["Claim"] for r in rows} == {c.text for c in CLAIMS}
+    assert len(rows) == len(CLAIMS) == 14
     main([str(tmp_path), "--out", str(tmp_path / "out")])
     text = (tmp_path / "out" / "claims.md").read_text()
-    assert "- tiny: 2 supported, 0 contradicted, 0 undecided, 4 gap." in text
+    assert "- tiny: 2 supported, 0 contradicted, 0 undecided, 12 gap." in text
 
 
 def test_runs_on_other_documents_are_not_compared(tmp_path: Path) -> None:

@@ -191,22 +191,32 @@ def run_pairs(claim: Claim, runs: Sequence[Run]) -> list[tuple[Key, Run | None, 
 
 
 def claims_table(runs: Sequence[Run], claims: Sequence[Claim] = CLAIMS) -> Table:
-    """Every claim on every model and sparsity where one of its sides was run."""
+    """Every claim on every model and sparsity where one of the claims' sides was run: a
+    claim with a side not run there is a gap row, so the table shows what is missing."""
     rows: list[dict[str, Any]] = []
+    met: set[tuple[Key, Claim]] = set()
     for claim in claims:
-        for (model, unit, amount), a, b in run_pairs(claim, runs):
-            base = {
-                "Model": model, "Sparsity": sparsity_label(unit, amount), "Claim": claim.text,
-                "A": label(a, claim.a), "B": label(b, claim.b),
-            }  # fmt: skip
+        for cell, a, b in run_pairs(claim, runs):
+            met.add((cell, claim))
             found = verdicts(claim, a, b) if a and b else []
+            base = row_base(cell, claim, a, b)
             if not found:
                 rows.append({**base, "Measure": claim.measure, "Verdict": "gap"})
             for v in found:
                 rows.append({**base, "Measure": v.measure, "A − B": show(v), "95% interval":
                              show(v, v.ci), "Verdict": v.verdict})  # fmt: skip
+    for cell in sorted({cell for cell, _ in met}, key=str):
+        rows += [{**row_base(cell, claim, None, None), "Measure": claim.measure, "Verdict": "gap"}
+                 for claim in claims if (cell, claim) not in met]  # fmt: skip
     rows.sort(key=lambda r: (r["Model"], r["Claim"], r["Sparsity"], r["A"], r["Measure"]))
     return Table(COLUMNS, rows)
+
+
+def row_base(cell: Key, claim: Claim, a: Run | None, b: Run | None) -> dict[str, Any]:
+    """The columns naming a claim's row: its model, sparsity, text and sides."""
+    model, unit, amount = cell
+    return {"Model": model, "Sparsity": sparsity_label(unit, amount), "Claim": claim.text,
+            "A": label(a, claim.a), "B": label(b, claim.b)}  # fmt: skip
 
 
 def claims_markdown(table: Table) -> str:
