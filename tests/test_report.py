@@ -283,3 +283,21 @@ def test_intervals_and_comparisons_come_from_the_samples(tmp_path: Path) -> None
     assert "Best on the average: **shortgpt**, significantly above every other method." in (
         comparisons
     )
+
+
+def test_a_method_with_seeds_is_compared_as_all_of_them(tmp_path: Path) -> None:
+    # random right on the first 10 and the first 30 of 40 documents (seeds 0, 1), ShortGPT on
+    # the first 25: per document random is right 1, 1/2 or 0 times in 1, so its accuracy is
+    # (10 + 20 / 2) / 40 = 50.0 and the paired difference 50.0 - 62.5 = -12.5 (not seed 1's
+    # +12.5, nor seed 0's -37.5)
+    for seed, right in enumerate((10, 30)):
+        write_samples_run(tmp_path, f"r{seed}", "random", right, samples=True,
+                          created=f"2026-01-0{seed + 1}")  # fmt: skip
+        path = tmp_path / f"r{seed}" / "metrics.json"
+        record = json.loads(path.read_text())
+        record["config"]["scorer"] = {"seed": seed}
+        path.write_text(json.dumps(record))
+    write_samples_run(tmp_path, "s", "shortgpt", 25, samples=True)
+    main([str(tmp_path), "--out", str(tmp_path / "out")])
+    comparisons = (tmp_path / "out" / "comparisons.md").read_text()
+    assert "| random (2 seeds) | shortgpt | average | -12.5 | [" in comparisons

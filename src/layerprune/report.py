@@ -654,19 +654,30 @@ class Comparison:
     p_holm: float = math.nan
 
 
+TaskSamples = dict[str, tuple[str, list[Sample]]]  # {task: (metric, samples)}
+
+
+def correct(runs: Sequence[TaskSamples], task: str) -> np.ndarray:
+    """Per document of ``task``, in doc_id order, the share of ``runs`` (a method's seeds, or
+    its one run) right on it."""
+    norm = runs[0][task][0] == "acc_norm"
+    return np.mean([paired_correct(r[task][1], r[task][1], norm)[:, 0] for r in runs], axis=0)
+
+
 def compare_pair(
-    a: dict[str, tuple[str, list[Sample]]],
-    b: dict[str, tuple[str, list[Sample]]],
+    a: Sequence[TaskSamples],
+    b: Sequence[TaskSamples],
     names: tuple[str, str],
     seed: int,
     iters: int,
 ) -> list[Comparison]:
     """Paired bootstrap of method a minus method b, per task and on the average: each task's
-    documents resampled on their own, the same indices for both methods."""
+    documents resampled on their own, the same indices for both methods. A method run with
+    several seeds counts, per document, the share of its seeds right on it: the interval is
+    over documents, for these seeds."""
     draws, observed = {}, {}
-    for task in a:
-        norm = a[task][0] == "acc_norm"
-        cols = paired_correct(a[task][1], b[task][1], norm)
+    for task in a[0]:
+        cols = np.stack([correct(a, task), correct(b, task)], axis=1)
         draws[task] = resample_means({task: cols}, iters, seed)[task]
         observed[task] = float(cols[:, 0].mean() - cols[:, 1].mean())
     out = []
@@ -680,9 +691,7 @@ def compare_pair(
     return out
 
 
-def same_documents(
-    a: dict[str, tuple[str, list[Sample]]], b: dict[str, tuple[str, list[Sample]]]
-) -> bool:
+def same_documents(a: TaskSamples, b: TaskSamples) -> bool:
     if a.keys() != b.keys():
         return False
     return all(
@@ -690,12 +699,13 @@ def same_documents(
     )
 
 
-def compare_methods(chosen: dict[Key, Run]) -> str:
+def compare_methods(chosen: dict[Key, Run], seeds: dict[Key, list[Run]] | None = None) -> str:
     """``comparisons.md``: per model, sparsity and group, every pair of methods evaluated on the
     same documents, with the paired bootstrap interval of their difference (average and per
     task) and a Holm-corrected p-value (the average comparisons of a cell are one family, its
     per-task comparisons another); the best method is named only where it is significantly
-    above every other one."""
+    above every other one. A cell in ``seeds`` is compared as all its seeds
+    (:func:`compare_pair`)."""
     lines = [
         "# Method comparisons",
         "",
@@ -706,28 +716,30 @@ def compare_methods(chosen: dict[Key, Run]) -> str:
         f"family. Significant: Holm p < {ALPHA}.",
         "",
     ]
-    cells: dict[Key, dict[str, Run]] = {}
+    cells: dict[Key, dict[str, list[Run]]] = {}
     for key, run in chosen.items():
         if finished(run) and run.get("eval"):
-            cells.setdefault((*key[:3], *key[4:]), {})[key[3]] = run
+            group = (seeds or {}).get(key) or [run]
+            label = f"{key[3]} ({len(group)} seeds)" if len(group) > 1 else key[3]
+            cells.setdefault((*key[:3], *key[4:]), {})[label] = group
     for cell_key, runs in sorted(cells.items(), key=lambda kv: str(kv[0])):
         if len(runs) < 2:
             continue
         model, unit, amount, *groups = cell_key
         title = " ".join([str(model), sparsity_label(unit, amount), *map(str, groups)])
         lines += [f"## {title}", ""]
-        samples = {m: pruned_samples(run) for m, run in sorted(runs.items())}
-        without = [m for m, s in samples.items() if s is None]
+        samples = {m: [pruned_samples(r) for r in group] for m, group in sorted(runs.items())}
+        without = [m for m, s in samples.items() if any(x is None for x in s)]
         if without:
             lines += [f"Without per-document samples, so not compared (no interval can be "
                       f"computed): {', '.join(without)}.", ""]  # fmt: skip
-        have = {m: s for m, s in samples.items() if s is not None}
-        seed, iters = uncertainty(next(iter(runs.values())))
+        have = {m: [x for x in s if x is not None] for m, s in samples.items() if m not in without}
+        seed, iters = uncertainty(next(iter(runs.values()))[0])
         found: list[Comparison] = []
         methods = sorted(have)
         for i, a in enumerate(methods):
             for b in methods[i + 1 :]:
-                if same_documents(have[a], have[b]):
+                if all(same_documents(have[a][0], x) for x in have[a][1:] + have[b]):
                     found += compare_pair(have[a], have[b], (a, b), seed, iters)
                 else:
                     lines += [f"{a} and {b} were evaluated on different documents: not "
@@ -793,7 +805,7 @@ def paired_comparison(a: Run, b: Run) -> Comparison | None:
     if not sa or not sb or not same_documents(sa, sb):
         return None
     seed, iters = uncertainty(a)
-    return compare_pair(sa, sb, ("a", "b"), seed, iters)[-1]
+    return compare_pair([sa], [sb], ("a", "b"), seed, iters)[-1]
 
 
 def paired_average(a: Run, b: Run) -> tuple[float, float] | None:
@@ -878,7 +890,7 @@ def report_runs(runs: list[Run], args: argparse.Namespace) -> None:
     write_text(args.out / "table.md", markdown)
     write_text(args.out / "table.tex", to_latex(table))
     write_text(args.out / "table.csv", to_csv(table))
-    write_text(args.out / "comparisons.md", compare_methods(chosen))
+    write_text(args.out / "comparisons.md", compare_methods(chosen, seeds))
     if recovered := recovery_table(runs):
         write_text(args.out / "recovery.md", to_markdown(recovered, RECOVERY_NOTE))
         write_text(args.out / "recovery.csv", to_csv(recovered))
