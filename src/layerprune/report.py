@@ -713,7 +713,9 @@ def compare_methods(chosen: dict[Key, Run], seeds: dict[Key, list[Run]] | None =
         "95% interval: paired percentile bootstrap over documents (each task resampled on its "
         "own, the same documents for both methods). p: two-sided bootstrap p-value (the "
         "resampled differences, shifted to mean 0, as the null), Holm-corrected within each "
-        f"family. Significant: Holm p < {ALPHA}.",
+        f"family. Significant: Holm p < {ALPHA}. A method run with several seeds: per "
+        "document, the share of its seeds right on it (the interval is over documents, for "
+        "those seeds).",
         "",
     ]
     cells: dict[Key, dict[str, list[Run]]] = {}
