@@ -210,6 +210,11 @@ def seed_groups(runs: Iterable[Run], group_by: Sequence[str] = ()) -> dict[Key, 
     return {key: list(by_seed.values()) for key, by_seed in groups.items() if len(by_seed) > 1}
 
 
+def seeds_label(method: str, seeds: int) -> str:
+    """A row's method name; a method run with several seeds says how many ("random (5 seeds)")."""
+    return f"{method} ({seeds} seeds)" if seeds > 1 else method
+
+
 def seed_row(runs: Sequence[Run]) -> dict[str, Any]:
     """Several seeds' rows as one: each number's mean, and the standard deviation of its values
     (ddof=1) as its ``±``; the at-chance marks are left out."""
@@ -401,7 +406,7 @@ def build_table(
                 key = (model, unit, amount, method, *groups)
                 run, several = chosen.get(key), seeds.get(key)
                 values = seed_row(several) if several else pruned_row(run) if run else {}
-                label = f"{method} ({len(several)} seeds)" if several else method
+                label = seeds_label(method, len(several or ()))
                 rows.append({"Model": model, "Sparsity": sparsity_label(unit, amount),
                              "Method": label, **dict(zip(group_by, groups, strict=True)),
                              **values})  # fmt: skip
@@ -722,8 +727,7 @@ def compare_methods(chosen: dict[Key, Run], seeds: dict[Key, list[Run]] | None =
     for key, run in chosen.items():
         if finished(run) and run.get("eval"):
             group = (seeds or {}).get(key) or [run]
-            label = f"{key[3]} ({len(group)} seeds)" if len(group) > 1 else key[3]
-            cells.setdefault((*key[:3], *key[4:]), {})[label] = group
+            cells.setdefault((*key[:3], *key[4:]), {})[seeds_label(key[3], len(group))] = group
     for cell_key, runs in sorted(cells.items(), key=lambda kv: str(kv[0])):
         if len(runs) < 2:
             continue
