@@ -152,6 +152,17 @@ def test_a_finished_config_is_skipped_unless_forced(
     ).is_file()
 
 
+def test_a_skipped_job_leaves_no_folder_behind(tmp_path: Path) -> None:
+    args = [*TINY[:-1], "paths.runs=runs", "paths.cache=cache"]
+    first = cli(*args, "hydra.run.dir=runs/a", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    again = cli(*args, "hydra.run.dir=runs/b", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "skipped: a finished run" in again.stdout + again.stderr
+    assert (tmp_path / "runs" / "a" / "metrics.json").is_file()
+    assert not (tmp_path / "runs" / "b").exists()
+
+
 def test_layer_replacement_removes_one_more_layer_and_puts_one_back(tmp_path: Path) -> None:
     cfg = compose_config([
         *TINY, "scorer=streamline", "sparsity=2", "sparsity_unit=layers", "recovery=layer",

@@ -213,7 +213,17 @@ def _hydra_main(cfg: DictConfig) -> None:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # Hydra marks the job failed, runs the rest and exits non-zero at the end
         sys.exit(2)
-    log.info("results    %s", out)
+    if holds_no_results(out):  # a skipped job: its finished run's folder has the results
+        shutil.rmtree(out)
+    else:
+        log.info("results    %s", out)
+
+
+def holds_no_results(out: Path) -> bool:
+    """Hydra makes the run folder, with its config copy and log, before the job starts; a job
+    skipped for a finished run of its config adds nothing to it, and the folder would only
+    clutter the sweep."""
+    return out.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in out.iterdir())
 
 
 def check_output_folders(args: list[str]) -> None:
