@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from layerprune.layers import decoder_stack
+from layerprune.speed import cache_keyword
 from layerprune.surgery import remove_layers
 
 
@@ -38,8 +39,9 @@ def logits(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
 def incremental_logits(model: PreTrainedModel, ids: torch.Tensor, prefix: int) -> torch.Tensor:
     out = model(input_ids=ids[:, :prefix], use_cache=True)
     cache, steps = out.past_key_values, [out.logits]
+    keyword = cache_keyword(model)
     for t in range(prefix, ids.shape[1]):
-        out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, t : t + 1], use_cache=True, **{keyword: cache})
         cache = out.past_key_values
         steps.append(out.logits)
     return torch.cat(steps, dim=1).float()

@@ -8,6 +8,7 @@ than a repeat touches both alike, and the ratio is what a table should quote.
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -64,16 +65,23 @@ def prefill(model: PreTrainedModel, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The forward argument that takes the KV cache of the earlier steps: transformers 5 names
+    it ``cache`` (and warns on the older ``past_key_values``), 4.x ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def decode(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> float:
     """Seconds of ``new_tokens`` greedy steps of one token each with the KV cache, after the
     prompt's prefill (not counted)."""
     out = model(input_ids=ids, use_cache=True)
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    keyword = cache_keyword(model)
     _sync(ids.device)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, use_cache=True, **{keyword: cache})
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     _sync(ids.device)
     return time.perf_counter() - start
