@@ -72,6 +72,28 @@ def test_perplexity_ratio_is_paired_over_windows(tmp_path: Path) -> None:
     assert paired_perplexity(runs["a"], runs["b"]) == {}
 
 
+def test_a_perplexity_on_the_text_a_side_trained_on_draws_no_verdict(tmp_path: Path) -> None:
+    tokens, b_nll = [8, 8, 8], [20.0, 12.0, 30.0]
+    a = write_run(tmp_path, "a", "a", 0.25, {"piqa": 0.5})
+    b = write_run(tmp_path, "b", "b", 0.25, {"piqa": 0.5})
+    with_windows(a, [x - 0.25 * t for x, t in zip(b_nll, tokens, strict=True)], tokens)
+    with_windows(b, b_nll, tokens)
+
+    def verdict() -> str:
+        (row,) = claims_table(load_runs([tmp_path]), [PPL]).rows
+        return str(row["Verdict"])
+
+    assert verdict() == "supported"  # a is better on every window
+    record = json.loads((a / "metrics.json").read_text())
+    record["config"]["eval"] = {"perplexity": [{"name": "wikitext2", "path": "/m/wiki.txt"}]}
+    record["config"]["recovery"] = {"train_data": {"path": "/m/other.txt"}}
+    (a / "metrics.json").write_text(json.dumps(record))
+    assert verdict() == "supported"  # trained on another text: held out
+    record["config"]["recovery"]["train_data"]["path"] = "/m/wiki.txt"
+    (a / "metrics.json").write_text(json.dumps(record))
+    assert verdict() == "in-sample"
+
+
 def test_the_table_marks_each_claim_from_the_samples(tmp_path: Path) -> None:
     # 40 piqa documents, the dense model right on 28: Streamline right on 30, ShortGPT on 10
     write_samples_run(tmp_path, "s", "streamline_layer", 30, samples=True)

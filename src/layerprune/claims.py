@@ -5,7 +5,8 @@ stability) or the same perplexity windows. Its verdict reads only the 95% interv
 when the whole interval is on the claimed side, contradicted when it is on the other side, and
 undecided when it holds the boundary (0 for a difference, 1 for a perplexity ratio, minus the
 margin for "comes close"). A claim with a side not run is a gap, so the table shows what is
-missing rather than leaving it out.
+missing rather than leaving it out. A perplexity on the text a side's recovery trained on is
+not held out: it is marked in-sample, and no verdict is drawn from it.
 """
 
 from __future__ import annotations
@@ -85,8 +86,11 @@ NOTE = (
     "perplexity over B's on the same windows (paired bootstrap over windows), per text. "
     "Supported: the whole 95% interval on the claimed side (above 0, below a ratio of 1, above "
     "minus the margin); contradicted: the whole interval on the other side; undecided: it "
-    "holds the boundary. gap: a side was not run (or kept no samples)."
+    "holds the boundary. gap: a side was not run (or kept no samples). in-sample: a side's "
+    "recovery trained on the text of these perplexity windows, so they are not held out."
 )
+VERDICTS = ("supported", "contradicted", "undecided", "gap")
+IN_SAMPLE = "in-sample"
 
 
 @dataclass
@@ -158,10 +162,19 @@ def paired_perplexity(a: Run, b: Run) -> dict[str, tuple[float, tuple[float, flo
     return out
 
 
+def trained_texts(run: Run) -> set[str]:
+    """The names of the perplexity texts whose file the run's recovery trained on."""
+    trained = get(run, "config.recovery.train_data.path")
+    texts = get(run, "config.eval.perplexity") or []
+    return {str(t.get("name")) for t in texts if trained and t.get("path") == trained}
+
+
 def verdicts(claim: Claim, a: Run, b: Run) -> list[Verdict]:
     """The claim's verdicts on one pair of runs: one, or one per perplexity text."""
     if claim.measure == "perplexity":
-        return [Verdict(f"perplexity {name or ''}".strip(), v, ci, decide(claim, v, ci))
+        seen = trained_texts(a) | trained_texts(b)
+        return [Verdict(f"perplexity {name or ''}".strip(), v, ci,
+                        IN_SAMPLE if str(name) in seen else decide(claim, v, ci))
                 for name, (v, ci) in paired_perplexity(a, b).items()]  # fmt: skip
     found: tuple[float, tuple[float, float]] | None
     if claim.measure == "stability":
@@ -246,11 +259,12 @@ def show(v: Verdict, ci: tuple[float, float] | None = None) -> str:
 
 
 def summary(table: Table) -> list[str]:
-    """Per model, how many of its measured claims are supported, contradicted, undecided."""
+    """Per model, how many of its claims are supported, contradicted, undecided, gaps (and
+    in-sample, where any is)."""
     lines = []
     for model in sorted({r["Model"] for r in table.rows}):
         mine = [r["Verdict"] for r in table.rows if r["Model"] == model]
-        counts = ", ".join(f"{mine.count(v)} {v}" for v in
-                           ("supported", "contradicted", "undecided", "gap"))  # fmt: skip
+        shown = VERDICTS + ((IN_SAMPLE,) if IN_SAMPLE in mine else ())
+        counts = ", ".join(f"{mine.count(v)} {v}" for v in shown)
         lines.append(f"- {model}: {counts}.")
     return lines
