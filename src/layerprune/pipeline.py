@@ -338,7 +338,7 @@ def run(job: Job, out: Path) -> dict[str, Any]:
     speed = None
     if dense is not None:
         with timer.stage("speed"):
-            speed = compare_speed(dense, loaded.model, job.speed)
+            speed = compare_speed(dense, copy.deepcopy(loaded.model), job.speed)  # both copies
         del dense
     plan = replace(plan, params_after=param_count(loaded.model))  # net of replacements
     log.info("%s", summary(loaded, plan, scores_hit))

@@ -102,7 +102,11 @@ def compare_speed(
     dense: PreTrainedModel, pruned: PreTrainedModel, settings: SpeedSettings
 ) -> dict[str, Any]:
     """Median prefill and decode tokens/s of both models and the pruned model's speed-up
-    (its tokens/s over the dense model's), timed alternately on the same prompts."""
+    (its tokens/s over the dense model's), timed alternately on the same prompts.
+
+    Give two models whose weights were made the same way (two deep copies, say): weights as
+    loaded from a checkpoint can sit in memory that reads slower than a copy's (SmolLM2-135M on
+    a 2-core CPU decodes 19% slower as loaded than copied), which would bias the ratio."""
     ids = prompt(dense, settings)
     models = {"dense": dense, "pruned": pruned}
     timings: dict[str, Callable[[], float]] = {}
