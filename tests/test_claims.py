@@ -92,6 +92,10 @@ def test_a_perplexity_on_the_text_a_side_trained_on_draws_no_verdict(tmp_path: P
     record["config"]["recovery"]["train_data"]["path"] = "/m/wiki.txt"
     (a / "metrics.json").write_text(json.dumps(record))
     assert verdict() == "in-sample"
+    record["config"]["eval"] = {"perplexity": {"path": "/m/wikitext2.txt"}}  # older: one text
+    record["config"]["recovery"]["train_data"]["path"] = "/m/wikitext2.txt"
+    (a / "metrics.json").write_text(json.dumps(record))
+    assert verdict() == "in-sample"
 
 
 def test_the_table_marks_each_claim_from_the_samples(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -166,6 +167,8 @@ def trained_texts(run: Run) -> set[str]:
     """The names of the perplexity texts whose file the run's recovery trained on."""
     trained = get(run, "config.recovery.train_data.path")
     texts = get(run, "config.eval.perplexity") or []
+    if isinstance(texts, dict):  # older runs: one text, named by its file's stem (see report)
+        texts = [{"name": Path(str(texts.get("path"))).stem, **texts}]
     return {str(t.get("name")) for t in texts if trained and t.get("path") == trained}
 
 
