@@ -85,16 +85,21 @@ def test_a_perplexity_on_the_text_a_side_trained_on_draws_no_verdict(tmp_path: P
 
     assert verdict() == "supported"  # a is better on every window
     record = json.loads((a / "metrics.json").read_text())
-    record["config"]["eval"] = {"perplexity": [{"name": "wikitext2", "path": "/m/wiki.txt"}]}
-    record["config"]["recovery"] = {"train_data": {"path": "/m/other.txt"}}
-    (a / "metrics.json").write_text(json.dumps(record))
+    record["eval"]["perplexity"]["wikitext2"]["pruned"]["path"] = "/m/wiki.txt"
+
+    def trained_on(path: str) -> None:
+        record["config"]["recovery"] = {"train_data": {"path": path}}
+        (a / "metrics.json").write_text(json.dumps(record))
+
+    trained_on("/m/other.txt")
     assert verdict() == "supported"  # trained on another text: held out
-    record["config"]["recovery"]["train_data"]["path"] = "/m/wiki.txt"
-    (a / "metrics.json").write_text(json.dumps(record))
+    trained_on("/m/wiki.txt")
     assert verdict() == "in-sample"
-    record["config"]["eval"] = {"perplexity": {"path": "/m/wikitext2.txt"}}  # older: one text
-    record["config"]["recovery"]["train_data"]["path"] = "/m/wikitext2.txt"
-    (a / "metrics.json").write_text(json.dumps(record))
+    # an older record: one text's sides directly, named by its file's stem
+    text = record["eval"]["perplexity"].pop("wikitext2")
+    text["pruned"]["path"] = "/m/wikitext2.txt"
+    record["eval"]["perplexity"] = text
+    trained_on("/m/wikitext2.txt")
     assert verdict() == "in-sample"
 
 

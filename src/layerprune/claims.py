@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -166,10 +165,8 @@ def paired_perplexity(a: Run, b: Run) -> dict[str, tuple[float, tuple[float, flo
 def trained_texts(run: Run) -> set[str]:
     """The names of the perplexity texts whose file the run's recovery trained on."""
     trained = get(run, "config.recovery.train_data.path")
-    texts = get(run, "config.eval.perplexity") or []
-    if isinstance(texts, dict):  # older runs: one text, named by its file's stem (see report)
-        texts = [{"name": Path(str(texts.get("path"))).stem, **texts}]
-    return {str(t.get("name")) for t in texts if trained and t.get("path") == trained}
+    return {name for name, entry in perplexities(run.get("eval") or {}).items()
+            if trained and get(entry, "pruned.path") == trained}  # fmt: skip
 
 
 def verdicts(claim: Claim, a: Run, b: Run) -> list[Verdict]:
@@ -177,7 +174,7 @@ def verdicts(claim: Claim, a: Run, b: Run) -> list[Verdict]:
     if claim.measure == "perplexity":
         seen = trained_texts(a) | trained_texts(b)
         return [Verdict(f"perplexity {name or ''}".strip(), v, ci,
-                        IN_SAMPLE if str(name) in seen else decide(claim, v, ci))
+                        IN_SAMPLE if name in seen else decide(claim, v, ci))
                 for name, (v, ci) in paired_perplexity(a, b).items()]  # fmt: skip
     found: tuple[float, tuple[float, float]] | None
     if claim.measure == "stability":
