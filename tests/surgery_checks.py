@@ -37,12 +37,12 @@ def logits(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def incremental_logits(model: PreTrainedModel, ids: torch.Tensor, prefix: int) -> torch.Tensor:
-    out = model(input_ids=ids[:, :prefix], use_cache=True)
-    cache, steps = out.past_key_values, [out.logits]
     keyword = cache_keyword(model)
+    out = model(input_ids=ids[:, :prefix], use_cache=True)
+    cache, steps = getattr(out, keyword), [out.logits]
     for t in range(prefix, ids.shape[1]):
         out = model(input_ids=ids[:, t : t + 1], use_cache=True, **{keyword: cache})
-        cache = out.past_key_values
+        cache = getattr(out, keyword)
         steps.append(out.logits)
     return torch.cat(steps, dim=1).float()
 

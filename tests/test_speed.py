@@ -42,6 +42,19 @@ def test_decode_runs_one_forward_per_new_token_after_the_prompt() -> None:
     assert [tuple(shape[:2]) for shape in calls] == [(2, 7), (2, 1), (2, 1), (2, 1)]
 
 
+def test_decode_hands_the_cache_on_under_the_models_own_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """transformers 5 renamed the KV cache to ``cache``, in the forward's arguments and in its
+    output, and logs a deprecation wherever the old name is used."""
+    from transformers.utils import generic
+
+    said: list[str] = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: said.append(msg))
+    decode(load("tiny_llama").model, torch.randint(0, 100, (1, 5)), new_tokens=2)
+    assert not [msg for msg in said if "deprecated" in msg]
+
+
 def test_speed_record_is_the_medians_of_the_timings() -> None:
     dense = load("tiny_llama").model
     pruned = copy.deepcopy(dense)

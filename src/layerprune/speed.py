@@ -66,8 +66,9 @@ def prefill(model: PreTrainedModel, ids: torch.Tensor) -> float:
 
 
 def cache_keyword(model: PreTrainedModel) -> str:
-    """The forward argument that takes the KV cache of the earlier steps: transformers 5 names
-    it ``cache`` (and warns on the older ``past_key_values``), 4.x ``past_key_values``."""
+    """The name of the KV cache, as the forward's argument and as its output's field:
+    transformers 5 names it ``cache`` (and logs a deprecation on the older
+    ``past_key_values``, either way), 4.x ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -75,14 +76,14 @@ def cache_keyword(model: PreTrainedModel) -> str:
 def decode(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> float:
     """Seconds of ``new_tokens`` greedy steps of one token each with the KV cache, after the
     prompt's prefill (not counted)."""
-    out = model(input_ids=ids, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     keyword = cache_keyword(model)
+    out = model(input_ids=ids, use_cache=True)
+    cache, token = getattr(out, keyword), out.logits[:, -1:].argmax(-1)
     _sync(ids.device)
     start = time.perf_counter()
     for _ in range(new_tokens):
         out = model(input_ids=token, use_cache=True, **{keyword: cache})
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = getattr(out, keyword), out.logits[:, -1:].argmax(-1)
     _sync(ids.device)
     return time.perf_counter() - start
 
