@@ -5,8 +5,9 @@ the same model, timed alternately on the same prompts, and the ratio of two copi
 
 A ratio of 1 between the loaded model and its copy would mean the loaded weights can stand for
 the dense side of a speed comparison; the pipeline does not rely on it, since weights as loaded
-can read slower than a copy's (on a 2-core CPU, SmolLM2-135M in float32 decoded 19% slower as
-loaded). Two copies of the same model give the noise floor of the speed-up ratio.
+can read slower than a copy's (on a 2-core CPU, SmolLM2-135M in float32 decoded 6% slower as
+loaded in one measurement, 19% in another). Two copies of the same model give the noise floor
+of the speed-up ratio.
 """
 
 from __future__ import annotations
