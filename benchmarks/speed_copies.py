@@ -13,36 +13,25 @@ of the speed-up ratio.
 from __future__ import annotations
 
 import copy
-import statistics
 
 import torch
 from common import load, parser
 
-from layerprune.speed import SpeedSettings, alternate, decode, prefill, prompt
+from layerprune.speed import SpeedSettings, compare_speed
 
 
 def main() -> None:
     args = parser(__doc__, n=1, seq_len=256).parse_args()
     torch.manual_seed(0)
     loaded = load(args).model
-    models = {"loaded": loaded, "copy": copy.deepcopy(loaded), "copy2": copy.deepcopy(loaded)}
-    settings = SpeedSettings(batch_size=1, prompt_tokens=args.seq_len, repeats=args.repeats)
-    ids = prompt(loaded, settings)
-    timings = {}
-    for name, model in models.items():
-        timings[f"prefill {name}"] = lambda m=model: prefill(m, ids)
-        timings[f"decode {name}"] = lambda m=model: decode(m, ids, settings.new_tokens)
-    seconds = alternate(timings, settings.repeats)
-    median = {name: statistics.median(s) for name, s in seconds.items()}
+    first, second = copy.deepcopy(loaded), copy.deepcopy(loaded)
+    settings = SpeedSettings(prompt_tokens=args.seq_len, repeats=args.repeats)
     print(f"{args.model}: {args.seq_len}-token prompt, {settings.new_tokens} decode tokens, "
-          f"median of {settings.repeats} alternating repeats")  # fmt: skip
-    for phase in ("prefill", "decode"):
-        ms = {name: 1000 * median[f"{phase} {name}"] for name in models}
-        print(
-            f"{phase:8s} loaded {ms['loaded']:8.1f} ms  copy {ms['copy']:8.1f} ms  "
-            f"copy2 {ms['copy2']:8.1f} ms  loaded/copy {ms['loaded'] / ms['copy']:.3f}  "
-            f"copy2/copy {ms['copy2'] / ms['copy']:.3f}"
-        )
+          f"median of {settings.repeats} alternating repeats; tokens/s over a copy's")  # fmt: skip
+    for name, model in {"loaded": loaded, "copy2": second}.items():
+        record = compare_speed(first, model, settings)
+        print(f"{name:7s} prefill {record['prefill']['speedup']:.3f}  "
+              f"decode {record['decode']['speedup']:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":
