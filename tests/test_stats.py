@@ -118,10 +118,27 @@ def test_holm_by_hand() -> None:
 
 
 def test_bootstrap_p_by_hand() -> None:
-    # observed 1; shifted draws |d - 1| >= 1 for d in {0, 2, 3}: (1 + 3) / (1 + 5)
-    assert bootstrap_p(np.array([0.0, 1.0, 1.5, 2.0, 3.0]), 1.0) == pytest.approx(4 / 6)
-    assert bootstrap_p(np.array([0.9, 1.0, 1.1]), 1.0) == pytest.approx(1 / 4)
+    # draws 0, 1, 2: sd (ddof 1) = 1; observed 1.96 is 1.96 standard errors from 0: p = 0.05
+    assert bootstrap_p(np.array([0.0, 1.0, 2.0]), 1.96) == pytest.approx(0.05, abs=1e-4)
+    assert bootstrap_p(np.array([0.0, 1.0, 2.0]), -1.0) == pytest.approx(0.3173, abs=1e-4)
     assert bootstrap_p(np.array([0.5]), 0.0) == 1.0
+    assert bootstrap_p(np.array([0.5, 0.5]), 0.5) == 0.0  # no spread: certain
+
+
+def test_bootstrap_p_is_the_paired_z_test_below_the_resample_floor() -> None:
+    # 500 paired 0/1 documents, A right on 60 more: the analytic paired z-test (standard error
+    # of the per-document difference) against the p from 20,000 bootstrap resamples; the
+    # p is far below 1 / 20,001, the smallest a count of resamples could give
+    rng = np.random.default_rng(3)
+    b = (rng.random(500) < 0.5).astype(float)
+    a = b.copy()
+    a[np.flatnonzero(b == 0)[:60]] = 1.0
+    diff = a - b
+    analytic = math.erfc(abs(diff.mean()) / (diff.std() / math.sqrt(len(diff)) * math.sqrt(2)))
+    draws = resample_means({"t": np.stack([a, b], axis=1)}, iters=20_000, seed=0)["t"]
+    p = bootstrap_p(draws[:, 0] - draws[:, 1], float(diff.mean()))
+    assert analytic < 1e-10
+    assert math.log(p) == pytest.approx(math.log(analytic), rel=0.05)
 
 
 def test_effective_sample_size() -> None:

@@ -716,9 +716,9 @@ def compare_methods(chosen: dict[Key, Run], seeds: dict[Key, list[Run]] | None =
         "",
         "Δ = accuracy of the first method minus the second's, in points, on the same documents. "
         "95% interval: paired percentile bootstrap over documents (each task resampled on its "
-        "own, the same documents for both methods). p: two-sided bootstrap p-value (the "
-        "resampled differences, shifted to mean 0, as the null), Holm-corrected within each "
-        f"family. Significant: Holm p < {ALPHA}. A method run with several seeds: per "
+        "own, the same documents for both methods). p: two-sided normal p-value of the "
+        "difference from its bootstrap standard error, 2Φ(−|Δ| / SE), Holm-corrected within "
+        f"each family. Significant: Holm p < {ALPHA}. A method run with several seeds: per "
         "document, the share of its seeds right on it (the interval is over documents, for "
         "those seeds).",
         "",
