@@ -15,6 +15,14 @@ from layerprune.models import LoadedModel, byte_tokenizer, random_init, resolve_
 ROOT = Path(__file__).resolve().parents[1]
 MIRROR = ROOT.parent / "shared" / "data"  # the data mirror beside the checkout
 SHAPES = {
+    "smollm2_135m": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 2048,
+    },
     "llama2_7b": {
         "hidden_size": 4096,
         "intermediate_size": 11008,

@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from layerprune.app import CONF_DIR, build
+from layerprune.app import CONF_DIR, build, limit_threads
 from layerprune.report import finished, load_runs
 
 from .conftest import compose_config
@@ -102,6 +104,24 @@ def test_launchers_compose(name: str, target: str) -> None:
             1,
             8,
         )
+    # the local launcher starts every job at once: one thread each, not every core each
+    assert launcher.cpus_per_task == (8 if name == "slurm" else 1)
+
+
+def test_a_launcher_job_runs_on_its_cpus_per_task_threads() -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            basic = compose("config", return_hydra_config=True).hydra.launcher
+        limit_threads(basic)  # Hydra's basic launcher: one job at a time, torch's default
+        assert torch.get_num_threads() == 2
+        limit_threads(OmegaConf.create({"cpus_per_task": None}))
+        assert torch.get_num_threads() == 2
+        limit_threads(OmegaConf.create({"cpus_per_task": 1}))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def sweep(root: Path, *overrides: str) -> list[str]:
@@ -155,3 +175,4 @@ def test_sweep_through_the_local_submitit_launcher(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     runs = load_runs([tmp_path])
     assert sorted(run["plan"]["sparsity"]["amount"] for run in runs) == [1, 2]
+    assert [run["threads"] for run in runs] == [1, 1]  # the launcher's cpus_per_task

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -198,11 +199,24 @@ def share_sweep_group(cfg: DictConfig) -> None:
         cfg.logger.group = "sweep-" + "-".join(Path(hydra_cfg.sweep.dir).parts[-2:])
 
 
+def limit_threads(launcher: Any) -> None:
+    """A job of the submitit launchers runs beside other jobs on the same machine (the local
+    launcher starts every job of a sweep at once): torch's default of one thread per core gives
+    each of them every core, and their OpenMP threads, spinning against each other, slow every
+    job severalfold (benchmarks/concurrent_jobs.py). Such a job runs on the launcher's
+    ``cpus_per_task`` threads; Hydra's basic launcher, one job at a time, keeps torch's default.
+    """
+    cpus = launcher.get("cpus_per_task") if isinstance(launcher, DictConfig) else None
+    if cpus:
+        torch.set_num_threads(int(cpus))
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     out = Path(hydra_cfg.runtime.output_dir)
     console.configure(verbose=bool(cfg.verbose))
+    limit_threads(hydra_cfg.launcher)
     share_sweep_group(cfg)
     try:
         run(cfg, out)

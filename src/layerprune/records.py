@@ -125,7 +125,8 @@ def run_record(
               "recovery": recovery}  # fmt: skip
     if evaluation is not None:
         record["eval"] = evaluation
-    return {**record, "timings": timings, "peak_memory_gib": peak_memory, "created": now()}
+    return {**record, "timings": timings, "peak_memory_gib": peak_memory,
+            "threads": torch.get_num_threads(), "created": now()}  # fmt: skip
 
 
 def run_records(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
