@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 from wandb.proto import wandb_internal_pb2
 
 from layerprune.app import run
@@ -52,6 +53,7 @@ def test_run_records_dense_and_pruned_metrics_and_reuses_the_dense_cache(
     assert {"load", "score", "eval_dense", "prune_recover", "eval_pruned", "total"} <= set(
         saved["timings"]
     )
+    assert saved["threads"] == torch.get_num_threads()  # the timings' context
     assert (tmp_path / "a" / "samples" / "pruned" / "tiny_mc.jsonl.gz").is_file()
 
     second = run(compose_config(overrides), tmp_path / "b")

@@ -67,6 +67,7 @@ def test_the_search_picks_the_plan_of_least_heldout_kl(tmp_path: Path) -> None:
     assert (tmp_path / "search.md").is_file() and (tmp_path / "search.png").is_file()
     # its cost is recorded and stated (eval=none: no dense evaluation)
     assert record["timings"]["total"] >= record["timings"]["search"] > 0
+    assert record["threads"] == torch.get_num_threads()
     peak = record["peak_memory_gib"]["cpu_rss"]
     assert 0.1 < peak < 24 and f"; peak resident memory {peak:.1f} GiB" in search_table(record)
     # layerprune-report writes the same table and figure from search.json alone, and does not

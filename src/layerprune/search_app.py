@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
@@ -172,7 +173,8 @@ def run_search(cfg: DictConfig, out: Path) -> dict[str, Any]:
             loaded, job.calibration, found, settings, job.evaluator, out, job.scoring, job.cache_dir
         )
     record = search_record(loaded, results, job.config)
-    record |= {"timings": timer.total(), "peak_memory_gib": peak_memory()}
+    record |= {"timings": timer.total(), "peak_memory_gib": peak_memory(),
+               "threads": torch.get_num_threads()}  # fmt: skip
     write_json(out / "search.json", record)
     log.info("%s", render(record, out))
     return record
