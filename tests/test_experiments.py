@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from layerprune.app import CONF_DIR, build, limit_threads
+from layerprune.errors import LayerpruneError
 from layerprune.report import finished, load_runs
 
 from .conftest import compose_config
@@ -122,6 +123,21 @@ def test_a_launcher_job_runs_on_its_cpus_per_task_threads() -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("cpus", "said"), [(0, "0"), (-2, "-2"), (1.5, "1.5"), ("two", "two"), (True, "true")]
+)
+def test_a_launcher_without_a_whole_positive_cpus_per_task_is_refused(
+    cpus: object, said: str
+) -> None:
+    before = torch.get_num_threads()
+    with pytest.raises(LayerpruneError) as e:
+        limit_threads(OmegaConf.create({"cpus_per_task": cpus}))
+    assert str(e.value) == (
+        f"hydra.launcher.cpus_per_task: {said}; allowed: a whole number of threads, >= 1"
+    )
+    assert torch.get_num_threads() == before  # refused before any change
 
 
 def sweep(root: Path, *overrides: str) -> list[str]:

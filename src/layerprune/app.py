@@ -35,7 +35,7 @@ from layerprune.pipeline import run as run_job
 from layerprune.recovery import Recovery
 from layerprune.selection import Sparsity
 from layerprune.speed import SpeedSettings
-from layerprune.validation import check_config, check_job, check_jsonl
+from layerprune.validation import check_config, check_job, check_jsonl, invalid
 
 log = logging.getLogger("layerprune")
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package
@@ -207,8 +207,11 @@ def limit_threads(launcher: Any) -> None:
     ``cpus_per_task`` threads; Hydra's basic launcher, one job at a time, keeps torch's default.
     """
     cpus = launcher.get("cpus_per_task") if isinstance(launcher, DictConfig) else None
-    if cpus:
-        torch.set_num_threads(int(cpus))
+    if cpus is None:
+        return
+    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+        raise invalid("hydra.launcher.cpus_per_task", cpus, "a whole number of threads, >= 1")
+    torch.set_num_threads(cpus)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -216,9 +219,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     out = Path(hydra_cfg.runtime.output_dir)
     console.configure(verbose=bool(cfg.verbose))
-    limit_threads(hydra_cfg.launcher)
     share_sweep_group(cfg)
     try:
+        limit_threads(hydra_cfg.launcher)
         run(cfg, out)
     except LayerpruneError as e:
         if cfg.get("debug"):

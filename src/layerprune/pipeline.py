@@ -30,7 +30,7 @@ from layerprune.records import (
     scores_record,
 )
 from layerprune.recovery import Recovery
-from layerprune.resources import Stage, Timer, peak_memory, reset_peak_memory, untimed
+from layerprune.resources import Stage, Timer, reset_peak_memory, resource_use, untimed
 from layerprune.scoring import Convention, LayerStats, Scorer, collect_layer_stats
 from layerprune.selection import Plan, Sparsity, make_plan
 from layerprune.speed import SpeedSettings, compare_speed
@@ -361,7 +361,7 @@ def run(job: Job, out: Path) -> dict[str, Any]:
             save_checkpoint(
                 loaded, out / "model", plan, job.calibration, reports, evaluation, table or None
             )
-    record = run_record(planned, key, scores_hit, reports, evaluation, timer.total(), peak_memory())
+    record = run_record(planned, key, scores_hit, reports, evaluation, resource_use(timer))
     if speed is not None:
         record["speed"] = speed
     record["logged"] = False

@@ -117,16 +117,15 @@ def run_record(
     scores_from_cache: bool,
     recovery: list[dict[str, Any]],
     evaluation: dict[str, Any] | None,
-    timings: dict[str, float],
-    peak_memory: dict[str, float],
+    resources: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """metrics.json: the plan record plus what the run measured."""
+    """metrics.json: the plan record plus what the run measured and what it cost
+    (:func:`layerprune.resources.resource_use`)."""
     record = {**plan, "kind": RUN, "config_hash": key, "scores_from_cache": scores_from_cache,
               "recovery": recovery}  # fmt: skip
     if evaluation is not None:
         record["eval"] = evaluation
-    return {**record, "timings": timings, "peak_memory_gib": peak_memory,
-            "threads": torch.get_num_threads(), "created": now()}  # fmt: skip
+    return {**record, **resources, "created": now()}
 
 
 def run_records(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:

@@ -64,6 +64,13 @@ def peak_memory() -> dict[str, float]:
     return {k: round(v, 3) for k, v in peak.items()}
 
 
+def resource_use(timer: Timer) -> dict[str, object]:
+    """What a run or search record says of its cost: the seconds of each stage, the peak
+    memory and torch's CPU threads (the context both figures were measured in)."""
+    return {"timings": timer.total(), "peak_memory_gib": peak_memory(),
+            "threads": torch.get_num_threads()}  # fmt: skip
+
+
 def _current_rss_gib() -> float:
     match = None
     with suppress(OSError):

@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,7 +18,7 @@ from layerprune.app import CONF_DIR, build, job_from_config
 from layerprune.criteria import ModelScorer
 from layerprune.files import write_json
 from layerprune.pipeline import NoEvaluator
-from layerprune.resources import Timer, peak_memory, reset_peak_memory
+from layerprune.resources import Timer, reset_peak_memory, resource_use
 from layerprune.scoring import SELECTIONS, Scorer
 from layerprune.search import EVALUATE, SearchSettings, search, search_record
 from layerprune.search_report import render
@@ -173,8 +172,7 @@ def run_search(cfg: DictConfig, out: Path) -> dict[str, Any]:
             loaded, job.calibration, found, settings, job.evaluator, out, job.scoring, job.cache_dir
         )
     record = search_record(loaded, results, job.config)
-    record |= {"timings": timer.total(), "peak_memory_gib": peak_memory(),
-               "threads": torch.get_num_threads()}  # fmt: skip
+    record |= resource_use(timer)
     write_json(out / "search.json", record)
     log.info("%s", render(record, out))
     return record
