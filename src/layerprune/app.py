@@ -35,7 +35,7 @@ from layerprune.pipeline import run as run_job
 from layerprune.recovery import Recovery
 from layerprune.selection import Sparsity
 from layerprune.speed import SpeedSettings
-from layerprune.validation import check_config, check_job, check_jsonl, invalid
+from layerprune.validation import check_config, check_job, check_jsonl, invalid, is_int
 
 log = logging.getLogger("layerprune")
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package
@@ -209,7 +209,7 @@ def limit_threads(launcher: Any) -> None:
     cpus = launcher.get("cpus_per_task") if isinstance(launcher, DictConfig) else None
     if cpus is None:
         return
-    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+    if not is_int(cpus) or cpus < 1:
         raise invalid("hydra.launcher.cpus_per_task", cpus, "a whole number of threads, >= 1")
     torch.set_num_threads(cpus)
 
