@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig
 
 from layerprune.app import job_dirname, run
 from layerprune.errors import LayerpruneError
 from layerprune.models import from_packaged_gguf
+from layerprune.pipeline import Evaluator
 from layerprune.resources import peak_memory, reset_peak_memory
 
 from .conftest import MIRROR, compose_config
@@ -150,6 +152,29 @@ def test_a_finished_config_is_skipped_unless_forced(
     assert (tmp_path / "c" / "metrics.json").is_file() and (
         tmp_path / "d" / "metrics.json"
     ).is_file()
+
+
+def test_a_skipped_job_does_not_prepare_its_evaluation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Preparing lm-eval's tasks takes ~20 s: a resumed sweep must not pay it per finished job."""
+    import layerprune.app
+
+    built: list[str] = []
+    real = layerprune.app.evaluator_for
+
+    def counting(cfg: DictConfig) -> Evaluator:
+        built.append(str(cfg.model.name))
+        return real(cfg)
+
+    monkeypatch.setattr(layerprune.app, "evaluator_for", counting)
+    overrides = [*TINY[:-1], f"paths.runs={tmp_path}"]
+    run(compose_config(overrides), tmp_path / "a")
+    assert len(built) == 1
+    run(compose_config(overrides), tmp_path / "b")  # skipped
+    assert len(built) == 1 and not (tmp_path / "b").exists()
+    run(compose_config([*overrides, "force=true"]), tmp_path / "c")
+    assert len(built) == 2
 
 
 def test_a_skipped_job_leaves_no_folder_behind(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import tempfile
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,8 @@ def window_lengths(cfg: DictConfig) -> dict[str, int]:
 
 
 def job_from_config(cfg: DictConfig) -> Job:
-    """Every object the run needs, built (and so checked) before any model is loaded."""
+    """Every object the run needs, built (and so checked) before any model is loaded; the
+    evaluator is built by the run itself, once it knows the job is not already finished."""
     scorer = build(cfg.scorer)
     steps = build(cfg.recovery.steps) if cfg.recovery.get("steps") else {}
     train = cfg.recovery.get("train_data")  # read only when a step trains on it
@@ -145,7 +147,7 @@ def job_from_config(cfg: DictConfig) -> Job:
         scorer=scorer,
         sparsity=Sparsity(float(cfg.sparsity), str(cfg.sparsity_unit)),
         recovery=recovery,
-        evaluator=evaluator_for(cfg),
+        make_evaluator=partial(evaluator_for, cfg),
         tracker=build(cfg.logger),
         config={str(k): v for k, v in config.items()},
         scoring=ScoringSettings(**cfg.scoring),

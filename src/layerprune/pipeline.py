@@ -1,8 +1,9 @@
 """One pruning job, start to end: load -> score -> plan -> evaluate dense -> prune and recover
 -> evaluate pruned -> write records -> (save the checkpoint) -> log.
 
-A :class:`Job` holds ready-made objects (scorer, calibration, recovery, evaluator, tracker)
-and plain settings; it never sees a Hydra config, so the same job can be built in Python.
+A :class:`Job` holds ready-made objects (scorer, calibration, recovery, tracker), the
+evaluator's factory and plain settings; it never sees a Hydra config, so the same job can be
+built in Python.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class Job:
     scorer: Scorer
     sparsity: Sparsity
     recovery: Recovery
-    evaluator: Evaluator
+    make_evaluator: Callable[[], Evaluator]  # built after the finished-run check (see run)
     tracker: Tracker
     config: dict[str, Any] = field(default_factory=dict)
     scoring: ScoringSettings = ScoringSettings()
@@ -309,6 +310,9 @@ def run(job: Job, out: Path) -> dict[str, Any]:
     if not job.force and job.runs_dir and (done := finished_run(job.runs_dir, key)):
         log.info("skipped: a finished run of this config (hash %s) is in %s", key, done)
         return finish_logging(job, done)
+    # Preparing the evaluation (indexing lm-eval's tasks, checking the mirror) takes ~20 s: a
+    # resumed sweep pays it only for the jobs that run, still before any model work.
+    evaluator = job.make_evaluator()
     timer = Timer()
     reset_peak_memory()
     with timer.stage("load"):
@@ -331,7 +335,7 @@ def run(job: Job, out: Path) -> dict[str, Any]:
         layers_added,
         max(job.first_start, job.recovery.first_start),
     )
-    job.evaluator.dense(loaded, timer.stage)
+    evaluator.dense(loaded, timer.stage)
     dense = copy.deepcopy(loaded.model) if job.speed.enabled else None
     with timer.stage("prune_recover"):
         reports = job.recovery.apply(loaded, plan.removed_layers, train_windows)
@@ -343,8 +347,8 @@ def run(job: Job, out: Path) -> dict[str, Any]:
     plan = replace(plan, params_after=param_count(loaded.model))  # net of replacements
     log.info("%s", summary(loaded, plan, scores_hit))
     plain = None if reports else plan.removed_layers  # plain removal: its evaluation is shared
-    evaluated = job.evaluator.pruned(loaded, out, timer.stage, plain)
-    if table := job.evaluator.table(evaluated):
+    evaluated = evaluator.pruned(loaded, out, timer.stage, plain)
+    if table := evaluator.table(evaluated):
         log.info("%s", table)
     scores = scores_record(loaded, job.calibration, stats, len(plan.removed_layers), measured)
     write_json(out / "scores.json", scores)
@@ -366,4 +370,4 @@ def run(job: Job, out: Path) -> dict[str, Any]:
         record["speed"] = speed
     record["logged"] = False
     write_json(out / "metrics.json", record)
-    return log_to_tracker(job, record, scores, out, job.evaluator.lm_eval_results)
+    return log_to_tracker(job, record, scores, out, evaluator.lm_eval_results)

@@ -159,17 +159,18 @@ def run_search(cfg: DictConfig, out: Path) -> dict[str, Any]:
     )
     from layerprune.validation import check_model
 
+    evaluator = job.make_evaluator()
     timer = Timer()
     reset_peak_memory()
     loaded = job.load_model()
     for budget in settings.budgets:
         check_model(loaded, Sparsity(budget, settings.unit), job.recovery, job.lengths())
-    if not isinstance(job.evaluator, NoEvaluator):
+    if not isinstance(evaluator, NoEvaluator):
         with timer.stage("evaluate_dense"):
-            job.evaluator.dense(loaded)
+            evaluator.dense(loaded)
     with timer.stage("search"):
         results = search(
-            loaded, job.calibration, found, settings, job.evaluator, out, job.scoring, job.cache_dir
+            loaded, job.calibration, found, settings, evaluator, out, job.scoring, job.cache_dir
         )
     record = search_record(loaded, results, job.config)
     record |= resource_use(timer)
